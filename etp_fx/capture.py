@@ -1,0 +1,149 @@
+"""Capture a model as an ATen-level ``torch.fx.GraphModule`` with shapes on every node.
+
+We use ``torch.export.export(..., strict=False)`` as the one canonical IR (see
+``docs/design.md``): it traces Hugging Face transformers 5.x, PyTorch Geometric layers and
+shape-dependent Python code that ``torch.fx.symbolic_trace`` cannot, it works on parameters that
+live on the ``meta`` device, and it lowers every ``nn.Module``, ``F.*`` call and tensor method to
+one small vocabulary of ATen ops, so the rule table needs one entry per op instead of three.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+__all__ = ["TraceError", "InputError", "capture", "normalize_inputs"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured; the message names the module and source line."""
+
+
+class InputError(ValueError):
+    """The example inputs do not fit the model; the message says what was given and expected."""
+
+
+def normalize_inputs(example_inputs: Any, kwargs: Mapping[str, Any] | None = None
+                     ) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    kwargs = dict(kwargs or {})
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), kwargs
+    if isinstance(example_inputs, Mapping):
+        return (), {**dict(example_inputs), **kwargs}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), kwargs
+    raise InputError(
+        f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs; got "
+        f"{type(example_inputs).__name__}. Example: etp_fx.trace(model, (torch.randn(1, 3, 224, 224),))")
+
+
+def _describe(args: Sequence, kwargs: Mapping) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        return type(v).__name__
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Trace in eval mode (dropout off, BatchNorm on running stats); restore every submodule's
+    own mode afterwards, even when tracing fails."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.train(t)
+
+
+class _WhereFailed:
+    """Forward pre-hooks that remember the innermost module running when an error is raised."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(m.register_forward_hook(self._post()))
+
+    def _pre(self, name: str):
+        def hook(mod, args):
+            self.stack.append(f"{name or '<root>'} ({type(mod).__name__})")
+        return hook
+
+    def _post(self):
+        def hook(mod, args, out):
+            if self.stack:
+                self.stack.pop()
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once on the example inputs to turn a shape error into a clear message."""
+    where = _WhereFailed(model)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - we re-raise with context
+        module = where.stack[-1] if where.stack else "<root>"
+        raise InputError(
+            f"the model does not run on the example inputs {_describe(args, kwargs)}: in module "
+            f"{module}: {type(e).__name__}: {str(e).strip().splitlines()[0]}\n"
+            f"Give example inputs of the shape and dtype the model expects (for an image model "
+            f"typically torch.randn(1, 3, H, W)).") from e
+    finally:
+        where.close()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost source line outside torch that the error passed through."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for f in reversed(frames):
+        if "/torch/" not in f.filename and "/etp_fx/" not in f.filename:
+            return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return "<unknown source line>"
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            *, check_inputs: bool = True) -> fx.GraphModule:
+    """Export ``model`` on the example inputs and return the ATen-level graph module.
+
+    Parameters live in the returned module under their original qualified names (as
+    ``get_attr`` nodes); every node carries ``meta["val"]``, a fake tensor with its shape.
+    The model is left as it was: same parameters, same train/eval mode of every submodule.
+    """
+    kwargs = dict(kwargs or {})
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"etp_fx needs a torch.nn.Module, got {type(model).__name__}")
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            check_inputs = False  # a meta model cannot run eagerly; export still checks shapes
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    with _eval_mode(model):
+        if check_inputs and not on_meta:
+            _check_runs(model, args, kwargs)
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with advice
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
+                f"  at {_user_frame(e)}\n"
+                f"What to try: make data-dependent Python control flow depend on shapes only, "
+                f"replace .item()/.tolist() on tensors, or wrap the offending layer as a "
+                f"torch.library custom op and register an etp_fx rule for it "
+                f"(docs/rules.md).") from e
+    gm = ep.module()
+    # the guard call checks input shapes at run time; it has no tensors and no channels
+    return gm

@@ -1,0 +1,290 @@
+"""Build the dependency graph of coupled channels from a captured graph module.
+
+One pass over the graph: every tensor dim gets a fresh layout (``node.meta["etp_dims"]``),
+every op's rule unifies layouts, ops without a rule freeze what they touch, and the model's
+inputs and outputs are frozen. Each unfrozen leaf axis that reaches a parameter is a group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .layout import Axis, Prod, Term, freeze, leaves, resolve
+from .rules.table import RuleContext, lookup
+
+__all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter (or buffer) dim that holds units of a group.
+
+    ``coords[i]`` is the unit that index ``i`` of that dim belongs to, or -1 when index ``i``
+    belongs to other groups (a concat segment, another factor's block)."""
+
+    name: str
+    dim: int
+    roles: frozenset[str]
+    is_buffer: bool
+    coords: tuple[int, ...]
+
+    @property
+    def role(self) -> str:
+        for r in ("out", "in", "affine", "bias", "stat", "elementwise"):
+            if r in self.roles:
+                return r
+        return "other"
+
+
+@dataclass
+class ChannelGroup:
+    """Channels (or neurons, or heads) that must be removed together.
+
+    Attributes
+    ----------
+    id : str
+        Stable name derived from the first parameter slot holding the units.
+    size : int
+        Number of units.
+    unit_kind : str
+        ``channel``, ``neuron``, ``head`` or ``head-dim``.
+    members : list of Member
+        Every parameter dim that holds the units.
+    exact : bool
+        Removing zeroed units leaves the output unchanged (up to folding of constants).
+    inexact_reasons : list of str
+        Why not, when ``exact`` is False.
+    """
+
+    id: str
+    size: int
+    unit_kind: str
+    members: list[Member]
+    exact: bool
+    inexact_reasons: list[str]
+    axis: Axis = field(repr=False)
+
+    @property
+    def uid(self) -> int:
+        return self.axis.uid
+
+
+@dataclass
+class DependencyGraph:
+    """Coupled-channel groups of one traced model. Build it with :func:`etp_fx.trace`."""
+
+    module: fx.GraphModule
+    groups: list[ChannelGroup]
+    barriers: list[str]
+    frozen_reasons: dict[str, list[str]]
+    param_names: frozenset[str]
+    signature: tuple
+    _cost: Any = field(default=None, repr=False)
+
+    def __getitem__(self, gid: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.id == gid:
+                return g
+        raise KeyError(_unknown_group(gid, self))
+
+    def group_of(self, gid: str) -> ChannelGroup:
+        return self[gid]
+
+    @property
+    def cost(self):
+        """The symbolic cost model (params and MACs as functions of group widths)."""
+        if self._cost is None:
+            from .cost import CostModel
+            self._cost = CostModel(self)
+        return self._cost
+
+    def summary(self, max_rows: int | None = None) -> str:
+        from .report import summary_table
+        return summary_table(self, max_rows=max_rows)
+
+    def to_networkx(self) -> nx.Graph:
+        from .report import group_networkx
+        return group_networkx(self)
+
+    def to_dot(self) -> str:
+        from .report import to_dot
+        return to_dot(self)
+
+    def __repr__(self) -> str:
+        return (f"DependencyGraph({len(self.groups)} groups, {len(self.barriers)} barriers, "
+                f"{sum(g.size for g in self.groups)} units)")
+
+
+def _unknown_group(gid: str, g: DependencyGraph) -> str:
+    import difflib
+    close = difflib.get_close_matches(gid, [x.id for x in g.groups], n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"no group {gid!r} in this graph ({len(g.groups)} groups; see graph.summary()).{hint}"
+
+
+# --- building ----------------------------------------------------------------------------------
+
+def _fresh_dims(node: fx.Node) -> Any:
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return [Axis(int(s), node.name) for s in v.shape]
+    if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return tuple([Axis(int(s), node.name) for s in t.shape] for t in v)
+    return None
+
+
+def _all_terms(d: Any) -> Iterator[Term]:
+    if isinstance(d, list):
+        yield from d
+    elif isinstance(d, tuple):
+        for part in d:
+            yield from part
+
+
+def _tensor_args(node: fx.Node) -> Iterator[fx.Node]:
+    for a in node.all_input_nodes:
+        yield a
+
+
+def build_graph(gm: fx.GraphModule, signature: tuple = ()) -> DependencyGraph:
+    """Run every node's rule over ``gm`` and collect the groups."""
+    for node in gm.graph.nodes:
+        node.meta["etp_dims"] = _fresh_dims(node)
+    roles: dict[tuple[str, int], set[str]] = {}
+    barriers: list[str] = []
+
+    def dims_of(n: fx.Node) -> Any:
+        return n.meta.get("etp_dims")
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            freeze(_all_terms(dims_of(node)), f"model input {node.name}")
+        elif node.op == "output":
+            for a in node.all_input_nodes:
+                freeze(_all_terms(dims_of(a)), "model output")
+        elif node.op == "call_function":
+            _apply_rule(node, dims_of, roles, barriers)
+        elif node.op == "call_module" and dims_of(node) is not None:
+            _barrier(node, dims_of, barriers, "a submodule call etp_fx cannot see into")
+    params = frozenset(n for n, _ in gm.named_parameters())
+    buffers = frozenset(n for n, _ in gm.named_buffers())
+    groups, frozen = _collect_groups(gm, roles, params, buffers)
+    return DependencyGraph(gm, groups, barriers, frozen, params, signature)
+
+
+def _apply_rule(node: fx.Node, dims_of, roles, barriers) -> None:
+    if dims_of(node) is None and not any(dims_of(a) is not None for a in node.all_input_nodes):
+        return  # no tensors in or out: asserts, symbolic sizes
+    r = lookup(node)
+    if r is None:
+        _barrier(node, dims_of, barriers, "no channel rule")
+        return
+    try:
+        r.couple(RuleContext(node, dims_of, roles), node)
+    except Exception as e:  # noqa: BLE001 - a failing rule must freeze, never guess
+        _barrier(node, dims_of, barriers, f"rule {r.name} failed: {type(e).__name__}: {e}")
+
+
+def _barrier(node: fx.Node, dims_of, barriers: list[str], why: str) -> None:
+    terms = list(_all_terms(dims_of(node)))
+    for a in node.all_input_nodes:
+        terms.extend(_all_terms(dims_of(a)))
+    freeze(terms, f"barrier ({why}): {node.format_node()}")
+    target = getattr(node.target, "__name__", str(node.target))
+    barriers.append(f"{target} at {node.name}: {why}")
+
+
+def _coords(t: Term, leaf: Axis) -> list[int]:
+    """For each index of a dim with layout ``t``: the coordinate of ``leaf`` there, or -1."""
+    t = resolve(t)
+    if isinstance(t, Axis):
+        return list(range(t.size)) if t is leaf else [-1] * t.size
+    parts = [_coords(p, leaf) for p in t.parts]
+    if not isinstance(t, Prod):
+        return [c for p in parts for c in p]
+    out = [-1]
+    for p in parts:
+        out = [a if b == -1 else (b if a == -1 else None) for a in out for b in p]
+        if None in out:
+            raise ValueError("the same units appear twice in one product")
+    return out
+
+
+def _collect_groups(gm: fx.GraphModule, roles, params, buffers):
+    slots: dict[int, list[tuple[str, int, Term]]] = {}
+    leaf_of: dict[int, Axis] = {}
+    frozen: dict[str, list[str]] = {}
+    seen: set[tuple[str, int]] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not isinstance(node.meta.get("etp_dims"), list):
+            continue
+        name = str(node.target)
+        for d, t in enumerate(node.meta["etp_dims"]):
+            if (name, d) in seen:
+                continue
+            seen.add((name, d))
+            for leaf in {x.uid: x for x in leaves(t)}.values():
+                if leaf.size <= 1:
+                    continue
+                if leaf.frozen:
+                    frozen.setdefault(f"{name}[{d}]", []).extend(
+                        r for r in leaf.frozen[:1] if r not in frozen.get(f"{name}[{d}]", []))
+                    continue
+                slots.setdefault(leaf.uid, []).append((name, d, t))
+                leaf_of[leaf.uid] = leaf
+    # a leaf may be reached via a second get_attr of the same parameter: names dedupe above
+    order = {n: i for i, (n, _) in enumerate(list(gm.named_parameters()) + list(gm.named_buffers()))}
+    groups = []
+    for uid, members in slots.items():
+        leaf = leaf_of[uid]
+        members.sort(key=lambda m: (order.get(m[0], 1 << 30), m[1]))
+        if not any(m[0] in params for m in members):
+            continue  # only buffers: nothing to learn or shrink
+        try:
+            mem = [Member(n, d, frozenset(roles.get((n, d), ())), n in buffers,
+                          tuple(_coords(t, leaf))) for n, d, t in members]
+        except ValueError as e:  # not expressible as slices: keep these channels
+            frozen.setdefault(f"{members[0][0]}[{members[0][1]}]", []).append(str(e))
+            continue
+        if not any(m.roles for m in mem):
+            continue  # no rule ever read these dims as channels (nothing couples them)
+        groups.append(ChannelGroup(_group_id(members, leaf), leaf.size, _unit_kind(members, leaf, mem, gm),
+                                   mem, not leaf.inexact, list(leaf.inexact), leaf))
+    groups.sort(key=lambda g: (order.get(g.members[0].name, 1 << 30), g.members[0].dim, g.id))
+    return groups, frozen
+
+
+def _group_id(members, leaf: Axis) -> str:
+    name, d, t = next((m for m in members), members[0])
+    ls = [x for x in leaves(t) if x.size > 1]
+    base = f"{name}[{d}]"
+    if len(ls) == 1:
+        return base
+    return f"{base}.{ls.index(leaf)}"
+
+
+def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> str:
+    """A label for people: heads and head-dims are the factors of a product in a weight dim."""
+    for (name, d, t), m in zip(members, mem):
+        r = resolve(t)
+        if ("out" in m.roles or "in" in m.roles) and isinstance(r, Prod):
+            parts = [resolve(p) for p in r.parts]
+            if parts[0] is leaf:
+                return "head"
+            if parts[-1] is leaf:
+                return "head-dim"
+    for m in mem:
+        if "out" in m.roles or "in" in m.roles:
+            return "channel" if _ndim(gm, m.name) > 2 else "neuron"
+    return "channel"
+
+
+def _ndim(gm: fx.GraphModule, name: str) -> int:
+    mod, _, attr = name.rpartition(".")
+    t = getattr(gm.get_submodule(mod) if mod else gm, attr)
+    return t.dim()

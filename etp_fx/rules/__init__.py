@@ -1,0 +1,5 @@
+"""The per-op channel-rule table (the one extension point) and the built-in ATen rules."""
+from .table import RULES, Rule, RuleContext, aten_ops, lookup, rule
+from . import aten as _aten  # noqa: F401 - fills RULES
+
+__all__ = ["RULES", "Rule", "RuleContext", "aten_ops", "lookup", "rule"]

@@ -1,0 +1,707 @@
+"""Channel rules for the ATen ops of torch.export's training IR: one entry per op family.
+
+Each rule has a one-line algebra comment. Notation: ``x[i]`` is the layout of dim ``i`` of ``x``;
+``~`` means "same units"; ``Prod``/``Cat`` are defined in :mod:`etp_fx.layout`.
+A rule's ``rewrite`` hook, when present, fixes the op's shape arguments after pruning; it sees a
+:class:`etp_fx.rewrite.RewriteContext` (``r.shape(node)`` is a tensor's new shape).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..layout import Cat, Prod, size_of
+from .table import RuleContext, aten_ops, rule
+
+
+def _dim(d: int, n: int) -> int:
+    return d % n if n else 0
+
+
+def _dimlist(d: Any, n: int) -> list[int]:
+    if d is None:
+        return list(range(n))
+    if isinstance(d, int):
+        d = [d]
+    return sorted({_dim(int(i), n) for i in d})
+
+
+# --- elementwise -------------------------------------------------------------------------------
+
+def broadcast(ctx: RuleContext, node: fx.Node, args: list[Any] | None = None) -> None:
+    """out[-k] ~ x[-k] for every tensor input x whose dim -k is not broadcast (size > 1 or equal)."""
+    out = ctx.out()
+    oshape = ctx.shape(node)
+    for a in (node.args if args is None else args):
+        for x in (a if isinstance(a, (list, tuple)) else [a]):
+            xd, xs = ctx.dims(x), ctx.shape(x)
+            if xd is None:
+                continue
+            for k in range(1, len(xd) + 1):
+                if k <= len(out) and xs[-k] == oshape[-k]:
+                    ctx.same(xd[-k], out[-k])
+                    ctx.role(x, -k, "elementwise")
+
+
+ELEMENTWISE = aten_ops(
+    "add", "sub", "rsub", "mul", "div", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh",
+    "hardswish", "hardsigmoid", "hardtanh", "clamp", "clamp_min", "clamp_max", "leaky_relu",
+    "elu", "selu", "celu", "mish", "softplus", "prelu", "neg", "exp", "log", "log1p", "sqrt",
+    "rsqrt", "abs", "pow", "erf", "reciprocal", "sin", "cos", "square", "sign", "maximum",
+    "minimum", "where", "masked_fill", "dropout", "feature_dropout", "alpha_dropout",
+    "contiguous", "clone", "detach", "alias", "to", "_to_copy", "type_as", "lift_fresh_copy",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
+    "bitwise_and", "bitwise_or", "__and__", "__or__", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "fill", "copy", "lerp", "addcmul", "addcdiv",
+    "floor", "ceil", "round", "trunc", "isnan", "isinf", "nan_to_num", "logit", "floor_divide",
+    "remainder", "fmod", "sgn", "tril", "triu", "_assert_tensor_metadata",
+    inplace=True,
+)
+
+
+@rule(*ELEMENTWISE)
+def elementwise(ctx: RuleContext, node: fx.Node) -> None:
+    # out[-k] ~ x[-k] for every non-broadcast input dim (numpy broadcasting, aligned right)
+    if ctx.out() is not None:
+        broadcast(ctx, node)
+
+
+# --- contractions: the ops that own weights ----------------------------------------------------
+
+def _linear_macs(c: Any, node: fx.Node) -> Any:
+    # every output element is one dot product over the input features
+    return c.numel(node) * c.size(c.dims(node.args[0])[-1])
+
+
+@rule(*aten_ops("linear"), contracts=True, cost=_linear_macs)
+def linear(ctx: RuleContext, node: fx.Node) -> None:
+    # y[..., o] = x[..., i] W[o, i] + b[o]:  x[-1] ~ W[1] (in),  y[-1] ~ W[0] ~ b[0] (out)
+    x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    xd, wd, y = ctx.dims(x), ctx.dims(w), ctx.out()
+    ctx.same_all(xd[:-1], y[:-1])
+    ctx.same(xd[-1], wd[-1])
+    ctx.role(w, -1, "in")
+    if len(wd) == 2:
+        ctx.same(wd[0], y[-1])
+        ctx.role(w, 0, "out")
+    if ctx.dims(b) is not None:
+        ctx.same(ctx.dims(b)[0], y[-1])
+        ctx.role(b, 0, "bias")
+
+
+def _conv_groups_rewrite(r: Any, node: fx.Node) -> None:
+    """``groups`` becomes the new width of the group axis."""
+    gi = node.meta["etp_rule_data"]["groups_index"]
+    g = node.meta["etp_rule_data"]["G"]
+    args = list(node.args)
+    while len(args) <= gi:
+        args.append(node.kwargs.get("groups", 1) if len(args) == gi else _CONV_DEFAULTS[len(args)])
+    args[gi] = r.size(g)
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "groups"}
+
+
+_CONV_DEFAULTS = {2: None, 3: 1, 4: 0, 5: 1, 6: 1}
+
+
+def _couple_conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int,
+                 groups_index: int) -> None:
+    # x[1] = Prod(G, Ci), y[1] = Prod(G, Co); W = [Prod(G,Co), Ci, k..] (transposed: [Prod(G,Ci), Co, k..])
+    x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    xd, wd, y = ctx.dims(x), ctx.dims(w), ctx.out()
+    batched = len(xd) == len(wd)
+    xc, yc = (xd[1], y[1]) if batched else (xd[0], y[0])
+    if batched:
+        ctx.same(xd[0], y[0])
+    G = ctx.fresh(groups, "conv groups")
+    ci, co = ctx.fresh(size_of(xc) // groups), ctx.fresh(size_of(yc) // groups)
+    ctx.same(xc, Prod((G, ci)))
+    ctx.same(yc, Prod((G, co)))
+    if transposed:
+        ctx.same(wd[0], Prod((G, ci)))
+        ctx.same(wd[1], co)
+        ctx.role(w, 0, "in")
+        ctx.role(w, 1, "out")
+    else:
+        ctx.same(wd[0], Prod((G, co)))
+        ctx.same(wd[1], ci)
+        ctx.role(w, 0, "out")
+        ctx.role(w, 1, "in")
+    if ctx.dims(b) is not None:
+        ctx.same(ctx.dims(b)[0], yc)
+        ctx.role(b, 0, "bias")
+    ctx.freeze(wd[2:], "convolution kernel window")
+    ctx.freeze(xd[-(len(wd) - 2):] + y[-(len(wd) - 2):], "convolution spatial dims")
+    node.meta["etp_rule_data"] = {"G": G, "groups_index": groups_index, "transposed": transposed}
+
+
+def _conv_macs(c: Any, node: fx.Node) -> Any:
+    # out elements x (input channels per group) x kernel window
+    wd = c.dims(node.args[1])
+    window = 1
+    for t in wd[2:]:
+        window *= c.size(t)
+    transposed = node.meta["etp_rule_data"].get("transposed", False)
+    if transposed:  # every input element scatters into (out channels per group) x window
+        return c.numel(node.args[0]) * c.size(wd[1]) * window
+    return c.numel(node) * c.size(wd[1]) * window
+
+
+@rule(*aten_ops("conv1d", "conv2d", "conv3d"), rewrite=_conv_groups_rewrite, contracts=True,
+      cost=_conv_macs)
+def conv(ctx: RuleContext, node: fx.Node) -> None:
+    # conv(x, W, b, stride, padding, dilation, groups)
+    _couple_conv(ctx, node, False, int(ctx.arg(6, "groups", 1)), 6)
+
+
+def _conv_transpose_rewrite(r: Any, node: fx.Node) -> None:
+    _conv_groups_rewrite(r, node)
+
+
+@rule(*aten_ops("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+      rewrite=_conv_transpose_rewrite, contracts=True, cost=_conv_macs)
+def conv_transpose(ctx: RuleContext, node: fx.Node) -> None:
+    # conv_transpose(x, W, b, stride, padding, output_padding, groups, dilation)
+    _couple_conv(ctx, node, True, int(ctx.arg(6, "groups", 1)), 6)
+
+
+@rule(*aten_ops("convolution"), rewrite=_conv_groups_rewrite, contracts=True, cost=_conv_macs)
+def convolution(ctx: RuleContext, node: fx.Node) -> None:
+    # convolution(x, W, b, stride, padding, dilation, transposed, output_padding, groups)
+    _couple_conv(ctx, node, bool(ctx.arg(6, "transposed")), int(ctx.arg(8, "groups", 1)), 8)
+
+
+def _matmul_dims(ctx: RuleContext, a: Any, b: Any, out_dims: list) -> None:
+    # a[..., n, k] @ b[..., k, m] = y[..., n, m]: a[-1] ~ b[-2] (contracted), batch broadcast
+    ad, bd = ctx.dims(a), ctx.dims(b)
+    a2 = ad if len(ad) > 1 else None
+    b2 = bd if len(bd) > 1 else None
+    ka, kb = ad[-1], (bd[-2] if b2 else bd[0])
+    ctx.same(ka, kb)
+    ctx.role(a, -1, "in")
+    ctx.role(b, -2 if b2 else 0, "in")
+    y = list(out_dims)
+    if b2:
+        ctx.same(bd[-1], y.pop())
+        ctx.role(b, -1, "out")
+    if a2:
+        ctx.same(ad[-2], y.pop())
+        ctx.role(a, -2, "out")
+    ash, bsh = ctx.shape(a)[:-2], ctx.shape(b)[:-2]
+    for k in range(1, len(y) + 1):
+        for xd, xs in ((ad[:-2], ash), (bd[:-2], bsh)):
+            if k <= len(xs) and xs[-k] == ctx.shape(ctx.node)[len(y) - k]:
+                ctx.same(xd[-k], y[-k])
+
+
+def _matmul_macs(c: Any, node: fx.Node) -> Any:
+    # out elements x contracted length (the last dim of the left operand)
+    a = node.args[1] if len(node.args) > 2 and c.dims(node.args[2]) is not None else node.args[0]
+    return c.numel(node) * c.size(c.dims(a)[-1])
+
+
+@rule(*aten_ops("matmul", "mm", "bmm"), contracts=True, cost=_matmul_macs)
+def matmul(ctx: RuleContext, node: fx.Node) -> None:
+    # y = a @ b (numpy matmul semantics)
+    _matmul_dims(ctx, node.args[0], node.args[1], ctx.out())
+
+
+@rule(*aten_ops("addmm", "baddbmm", "addmv"), contracts=True, cost=_matmul_macs)
+def addmm(ctx: RuleContext, node: fx.Node) -> None:
+    # y = beta*c + alpha*(a @ b): a @ b as matmul, c broadcast onto y
+    _matmul_dims(ctx, node.args[1], node.args[2], ctx.out())
+    broadcast(ctx, node, [node.args[0]])
+    ctx.role(node.args[0], -1, "bias")
+
+
+def _einsum_macs(c: Any, node: fx.Node) -> Any:
+    # product of the sizes of all distinct letters
+    letters = node.meta["etp_rule_data"]["letters"]
+    out = 1
+    for t in letters.values():
+        out *= c.size(t)
+    return out
+
+
+@rule(*aten_ops("einsum"), contracts=True, cost=_einsum_macs)
+def einsum(ctx: RuleContext, node: fx.Node) -> None:
+    # every letter is one axis: dims that share a letter ~ each other (output included)
+    eq, ops = node.args[0], node.args[1]
+    eq = eq.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    if "." in eq or not rhs and "->" not in eq:
+        ctx.freeze([t for o in ops for t in ctx.dims(o) or []] + ctx.out(), "einsum with ellipsis")
+        return
+    letters: dict[str, Any] = {}
+    for spec, o in list(zip(lhs.split(","), ops)) + [(rhs, node)]:
+        for ch, t in zip(spec, ctx.dims(o) if o is not node else ctx.out()):
+            if ctx.shape(o)[spec.index(ch)] == 1 and o is not node:
+                continue  # broadcast
+            if ch in letters:
+                ctx.same(letters[ch], t)
+            else:
+                letters[ch] = t
+    for spec, o in zip(lhs.split(","), ops):
+        for i, ch in enumerate(spec):
+            ctx.role(o, i, "out" if ch in rhs else "in")
+    node.meta["etp_rule_data"] = {"letters": letters}
+
+
+def _sdpa_rewrite(r: Any, node: fx.Node) -> None:
+    """The default scale is 1/sqrt(E) of the *original* head dim: pin it."""
+    if node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None):
+        e = node.meta["etp_rule_data"]["E"]
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(e)}
+
+
+def _sdpa_macs(c: Any, node: fx.Node) -> Any:
+    # q k^T: (..., L, S) x E   plus   attn v: (..., L, Ev) x S
+    q, k = c.dims(node.args[0]), c.dims(node.args[1])
+    s_len = c.size(k[-2])
+    return c.numel(node.args[0]) * s_len + c.numel(node) * s_len
+
+
+@rule(*aten_ops("scaled_dot_product_attention"), rewrite=_sdpa_rewrite, contracts=True,
+      cost=_sdpa_macs)
+def sdpa(ctx: RuleContext, node: fx.Node) -> None:
+    # softmax(q[...,L,E] k[...,S,E]^T) v[...,S,Ev]: q[-1] ~ k[-1]; k[-2] ~ v[-2]; y[-1] ~ v[-1];
+    # batch/head dims ~ (with enable_gqa: q heads = Prod(kv heads, repeats))
+    q, k, v = node.args[:3]
+    qd, kd, vd, y = ctx.dims(q), ctx.dims(k), ctx.dims(v), ctx.out()
+    ctx.same(qd[-1], kd[-1])
+    ctx.same(kd[-2], vd[-2])
+    ctx.same(y[-1], vd[-1])
+    ctx.same(y[-2], qd[-2])
+    qs, ks = ctx.shape(q), ctx.shape(k)
+    for i in range(len(qd) - 2):
+        ctx.same(qd[i], y[i])
+        if ks[i] == qs[i]:
+            ctx.same(kd[i], qd[i])
+            ctx.same(vd[i], qd[i])
+        else:  # grouped-query attention inside the kernel: q heads = kv heads x repeats
+            rep = ctx.fresh(qs[i] // ks[i], "gqa repeats")
+            ctx.same(qd[i], Prod((kd[i], rep)))
+            ctx.same(kd[i], vd[i])
+    mask = ctx.arg(3, "attn_mask")
+    if ctx.dims(mask) is not None:
+        md, ms = ctx.dims(mask), ctx.shape(mask)
+        logits = qd[:-1] + [kd[-2]]
+        lshape = list(qs[:-1]) + [ks[-2]]
+        for j in range(1, len(md) + 1):
+            if ms[-j] == lshape[-j]:
+                ctx.same(md[-j], logits[-j])
+    node.meta["etp_rule_data"] = {"E": qs[-1]}
+
+
+@rule(*aten_ops("embedding"), contracts=True)
+def embedding(ctx: RuleContext, node: fx.Node) -> None:
+    # y[..., d] = W[ids[...], d]: y[:-1] ~ ids, y[-1] ~ W[1] (out); W[0] indexed -> frozen
+    w, ids = node.args[0], node.args[1]
+    wd, idd, y = ctx.dims(w), ctx.dims(ids), ctx.out()
+    ctx.same(wd[1], y[-1])
+    ctx.role(w, 1, "out")
+    ctx.same_all(idd, y[:-1])
+    ctx.freeze([wd[0]], "embedding rows are addressed by token id")
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+@rule(*aten_ops("batch_norm", "instance_norm", "_native_batch_norm_legit_no_training",
+                "native_batch_norm", "_native_batch_norm_legit_functional"))
+def batch_norm(ctx: RuleContext, node: fx.Node) -> None:
+    # y[:, c] = (x[:, c] - m[c]) / s[c] * w[c] + b[c]: per-channel, so removal is exact
+    x = node.args[0]
+    xd = ctx.dims(x)
+    outs = ctx.out()
+    y = outs[0] if isinstance(outs, tuple) else outs
+    ctx.same_all(xd, y)
+    for i, role in zip(range(1, 5), ("affine", "bias", "stat", "stat")):
+        p = node.args[i] if len(node.args) > i else None
+        if ctx.dims(p) is not None:
+            ctx.same(ctx.dims(p)[0], xd[1])
+            ctx.role(p, 0, role)
+    if isinstance(outs, tuple):
+        for extra in outs[1:]:
+            for t in extra:
+                ctx.same(t, xd[1]) if size_of(t) == size_of(xd[1]) else None
+
+
+def _norm_shape_rewrite(r: Any, node: fx.Node) -> None:
+    n = node.meta["etp_rule_data"]["k"]
+    args = list(node.args)
+    args[1] = list(r.shape(node.args[0])[-n:])
+    node.args = tuple(args)
+
+
+@rule(*aten_ops("layer_norm", "rms_norm"), rewrite=_norm_shape_rewrite)
+def layer_norm(ctx: RuleContext, node: fx.Node) -> None:
+    # y ~ x; w[j] ~ b[j] ~ x[-k+j]; statistics over the last k dims: removal is approximate
+    x, shape = node.args[0], node.args[1]
+    xd = ctx.dims(x)
+    k = len(shape)
+    ctx.same_all(xd, ctx.out())
+    for i, role in ((2, "affine"), (3, "bias")):
+        p = node.args[i] if len(node.args) > i else None
+        if ctx.dims(p) is not None:
+            ctx.same_all(ctx.dims(p), xd[-k:])
+            for j in range(k):
+                ctx.role(p, j, role)
+    ctx.inexact(xd[-k:], f"{node.target.__name__.split('.')[0]} normalises over this dim")
+    node.meta["etp_rule_data"] = {"k": k}
+
+
+def _group_norm_rewrite(r: Any, node: fx.Node) -> None:
+    args = list(node.args)
+    args[1] = r.size(node.meta["etp_rule_data"]["G"])
+    node.args = tuple(args)
+
+
+@rule(*aten_ops("group_norm"), rewrite=_group_norm_rewrite)
+def group_norm(ctx: RuleContext, node: fx.Node) -> None:
+    # x[1] = Prod(G, Cg): whole groups are exact to remove, channels within a group are not
+    x, groups = node.args[0], int(node.args[1])
+    xd = ctx.dims(x)
+    ctx.same_all(xd, ctx.out())
+    G, cg = ctx.fresh(groups, "norm groups"), ctx.fresh(size_of(xd[1]) // groups)
+    ctx.same(xd[1], Prod((G, cg)))
+    ctx.inexact([cg], "group_norm normalises over channels of a group")
+    for i, role in ((2, "affine"), (3, "bias")):
+        p = node.args[i] if len(node.args) > i else None
+        if ctx.dims(p) is not None:
+            ctx.same(ctx.dims(p)[0], xd[1])
+            ctx.role(p, 0, role)
+    node.meta["etp_rule_data"] = {"G": G}
+
+
+# --- reductions --------------------------------------------------------------------------------
+
+def _reduce(ctx: RuleContext, node: fx.Node, dims: Any, exact: bool) -> None:
+    xd = ctx.dims(node.args[0])
+    red = _dimlist(dims, len(xd))
+    outs = ctx.out()
+    for y in (outs if isinstance(outs, tuple) else (outs,)):
+        keepdim = len(y) == len(xd)  # read off the ranks: robust to every overload's signature
+        kept = [t for i, t in enumerate(xd) if i not in red] if not keepdim else \
+            [t for i, t in enumerate(xd)]
+        for i, (a, b) in enumerate(zip(kept, y)):
+            if keepdim and i in red:
+                continue
+            ctx.same(a, b)
+    if not exact:
+        ctx.inexact([xd[i] for i in red], f"{_name(node)} reduces over this dim")
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+@rule(*aten_ops("sum", "nansum"))
+def sum_(ctx: RuleContext, node: fx.Node) -> None:
+    # y = sum over dims: zero units add nothing, so removal is exact
+    _reduce(ctx, node, ctx.arg(1, "dim"), exact=True)
+
+
+@rule(*aten_ops("mean", "amax", "amin", "var", "std", "logsumexp", "prod", "nanmean"))
+def mean(ctx: RuleContext, node: fx.Node) -> None:
+    # y = stat over dims: the count (or max) changes when units go, so removal is approximate
+    _reduce(ctx, node, ctx.arg(1, "dim"), exact=False)
+
+
+@rule(*aten_ops("max", "min", "argmax", "argmin"))
+def max_(ctx: RuleContext, node: fx.Node) -> None:
+    # max(x) / max(x, dim) / max(a, b): a reduction unless it is the binary elementwise form
+    if len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        broadcast(ctx, node)
+        return
+    _reduce(ctx, node, ctx.arg(1, "dim"), exact=False)
+
+
+@rule(*aten_ops("linalg_vector_norm", "norm", "frobenius_norm"))
+def vector_norm(ctx: RuleContext, node: fx.Node) -> None:
+    # y = ||x|| over dims: zero units add nothing to a p-norm, so removal is exact
+    _reduce(ctx, node, ctx.arg(2, "dim"), exact=True)
+
+
+@rule(*aten_ops("softmax", "log_softmax", "_softmax", "_log_softmax"))
+def softmax(ctx: RuleContext, node: fx.Node) -> None:
+    # y ~ x; exp(0) = 1 still counts in the denominator: approximate over the softmax dim
+    xd = ctx.dims(node.args[0])
+    ctx.same_all(xd, ctx.out())
+    ctx.inexact([xd[_dim(int(node.args[1]), len(xd))]], "softmax normalises over this dim")
+
+
+@rule(*aten_ops("diff"))
+def diff(ctx: RuleContext, node: fx.Node) -> None:
+    # y = x[1:] - x[:-1] along d: d is frozen, other dims ~
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    d = _dim(int(ctx.arg(2, "dim", -1)), len(xd))
+    ctx.freeze([xd[d], y[d]], "diff runs along this dim")
+    ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(y) if i != d])
+
+
+@rule(*aten_ops("cumsum", "cumprod"))
+def cumsum(ctx: RuleContext, node: fx.Node) -> None:
+    # y ~ x; the running total at a kept index is unchanged by removing zeros before it
+    xd = ctx.dims(node.args[0])
+    ctx.same_all(xd, ctx.out())
+    if "prod" in _name(node):
+        ctx.freeze([xd[_dim(int(node.args[1]), len(xd))]], "cumprod runs along this dim")
+
+
+def _spatial(ctx: RuleContext, node: fx.Node, k: int) -> None:
+    # pools and resizes: the leading dims (batch, channels) pass through; the last k are new
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    outs = y if isinstance(y, tuple) else (y,)
+    for o in outs:
+        ctx.same_all(xd[:-k], o[:-k])
+        ctx.freeze(o[-k:], "spatial dims of a pool or resize")
+    ctx.freeze(xd[-k:], "spatial dims of a pool or resize")
+
+
+for _k, _names in ((1, ("adaptive_avg_pool1d", "avg_pool1d", "max_pool1d", "adaptive_max_pool1d",
+                        "upsample_nearest1d", "upsample_linear1d")),
+                   (2, ("adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d",
+                        "max_pool2d_with_indices", "upsample_nearest2d", "upsample_bilinear2d",
+                        "upsample_bicubic2d", "pixel_shuffle_", "_adaptive_avg_pool2d")),
+                   (3, ("adaptive_avg_pool3d", "avg_pool3d", "max_pool3d", "upsample_nearest3d",
+                        "upsample_trilinear3d"))):
+    rule(*aten_ops(*_names))(lambda ctx, node, _k=_k: _spatial(ctx, node, _k))
+
+
+# --- shape ops ---------------------------------------------------------------------------------
+
+def _sizes_rewrite(index: int, name: str):
+    """Make a size-list argument equal to the node's new output shape."""
+    def rw(r: Any, node: fx.Node) -> None:
+        args = list(node.args)
+        if len(args) > index:
+            args[index] = list(r.shape(node))
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: list(r.shape(node))}
+    return rw
+
+
+def _reshape(ctx: RuleContext, node: fx.Node) -> None:
+    # Prod(x dims) ~ Prod(y dims): factors are aligned left to right, splitting where needed
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    ctx.same(Prod(tuple(xd)), Prod(tuple(y)))
+
+
+for _names, _rw in (
+        (("view", "reshape", "_unsafe_view", "_reshape_alias"), _sizes_rewrite(1, "size")),
+        (("unflatten",), None), (("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+                                   "ravel"), None)):
+    rule(*aten_ops(*_names), rewrite=_rw)(_reshape)
+
+
+def _unflatten_rewrite(r: Any, node: fx.Node) -> None:
+    d = _dim(int(node.args[1]), len(r.shape(node.args[0])))
+    n = len(node.args[2])
+    args = list(node.args)
+    args[2] = list(r.shape(node)[d:d + n])
+    node.args = tuple(args)
+
+
+rule(*aten_ops("unflatten"), rewrite=_unflatten_rewrite)(_reshape)
+
+
+@rule(*aten_ops("permute", "transpose", "t", "swapaxes", "movedim", "numpy_T", "mT"))
+def permute(ctx: RuleContext, node: fx.Node) -> None:
+    # y[i] ~ x[perm[i]]
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    n, name = len(xd), _name(node)
+    perm = list(range(n))
+    if name == "permute":
+        perm = [_dim(int(p), n) for p in node.args[1]]
+    elif name in ("transpose", "swapaxes"):
+        a, b = _dim(int(node.args[1]), n), _dim(int(node.args[2]), n)
+        perm[a], perm[b] = perm[b], perm[a]
+    elif name == "movedim":
+        src, dst = node.args[1], node.args[2]
+        src, dst = ([src], [dst]) if isinstance(src, int) else (src, dst)
+        rest = [i for i in range(n) if i not in [_dim(s, n) for s in src]]
+        perm = [None] * n
+        for s, d in zip(src, dst):
+            perm[_dim(d, n)] = _dim(s, n)
+        it = iter(rest)
+        perm = [p if p is not None else next(it) for p in perm]
+    else:  # t, mT, numpy_T
+        perm = list(range(n))[::-1] if name != "mT" else perm[:-2] + [n - 1, n - 2]
+    for i, p in enumerate(perm):
+        ctx.same(y[i], xd[p])
+
+
+@rule(*aten_ops("expand", "expand_as", "broadcast_to"), rewrite=_sizes_rewrite(1, "size"))
+def expand(ctx: RuleContext, node: fx.Node) -> None:
+    # y[-k] ~ x[-k] where not broadcast; broadcast dims are new axes
+    broadcast(ctx, node, [node.args[0]])
+
+
+@rule(*aten_ops("repeat"))
+def repeat(ctx: RuleContext, node: fx.Node) -> None:
+    # y[-k] = Prod(R_k, x[-k]): each dim is tiled R_k times (the tiles are a new axis)
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    reps = list(node.args[1])
+    for k in range(1, len(xd) + 1):
+        r = int(reps[-k])
+        ctx.same(y[-k], Prod((ctx.fresh(r, "repeat tiles"), xd[-k])) if r > 1 else xd[-k])
+
+
+@rule(*aten_ops("cat", "concat", "concatenate"))
+def cat(ctx: RuleContext, node: fx.Node) -> None:
+    # y[d] = Cat(x1[d], x2[d], ...); other dims ~
+    xs = [x for x in node.args[0] if ctx.shape(x) is not None and ctx.shape(x) != (0,)]
+    y = ctx.out()
+    d = _dim(int(ctx.arg(1, "dim", 0)), len(y))
+    ctx.same(y[d], Cat(tuple(ctx.dims(x)[d] for x in xs)))
+    for x in xs:
+        ctx.same_all([t for i, t in enumerate(ctx.dims(x)) if i != d],
+                     [t for i, t in enumerate(y) if i != d])
+
+
+@rule(*aten_ops("stack"))
+def stack(ctx: RuleContext, node: fx.Node) -> None:
+    # y = stack(xs, d): y[d] is a new axis (one index per input), other dims ~ each x
+    y = ctx.out()
+    d = _dim(int(ctx.arg(1, "dim", 0)), len(y))
+    rest = [t for i, t in enumerate(y) if i != d]
+    for x in node.args[0]:
+        ctx.same_all(ctx.dims(x), rest)
+    ctx.freeze([y[d]], "stacked dim")
+
+
+def _split_rewrite(r: Any, node: fx.Node) -> None:
+    """Pieces may now differ in width: every split form becomes split_with_sizes."""
+    parts = node.meta["etp_rule_data"]["parts"]
+    d = node.meta["etp_rule_data"]["dim"]
+    node.target = torch.ops.aten.split_with_sizes.default
+    node.args = (node.args[0], [r.size(p) for p in parts], d)
+    node.kwargs = {}
+
+
+@rule(*aten_ops("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split"),
+      rewrite=_split_rewrite)
+def split(ctx: RuleContext, node: fx.Node) -> None:
+    # x[d] = Cat(y1[d], y2[d], ...); other dims ~
+    xd, outs = ctx.dims(node.args[0]), ctx.out()
+    name = _name(node)
+    d = _dim(int(ctx.arg(2, "dim", 0) if name != "chunk" else ctx.arg(2, "dim", 0)), len(xd))
+    parts = [o[d] for o in outs]
+    ctx.same(xd[d], Cat(tuple(parts)))
+    for o in outs:
+        ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(o) if i != d])
+    node.meta["etp_rule_data"] = {"parts": parts, "dim": d}
+
+
+@rule(*aten_ops("unbind"))
+def unbind(ctx: RuleContext, node: fx.Node) -> None:
+    # x[d] is indexed away (each output is one index): frozen; other dims ~
+    xd, outs = ctx.dims(node.args[0]), ctx.out()
+    d = _dim(int(ctx.arg(1, "dim", 0)), len(xd))
+    ctx.freeze([xd[d]], "unbind indexes this dim")
+    for o in outs:
+        ctx.same_all([t for i, t in enumerate(xd) if i != d], o)
+
+
+@rule(*aten_ops("select"))
+def select(ctx: RuleContext, node: fx.Node) -> None:
+    # y = x[..., i, ...]: x[d] is indexed (frozen), other dims ~
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    d = _dim(int(node.args[1]), len(xd))
+    ctx.freeze([xd[d]], "select indexes this dim")
+    ctx.same_all([t for i, t in enumerate(xd) if i != d], y)
+
+
+def _slice_rewrite(r: Any, node: fx.Node) -> None:
+    pre, mid = node.meta["etp_rule_data"]["pre"], node.meta["etp_rule_data"]["mid"]
+    start = r.size(pre) if pre is not None else 0
+    args = list(node.args) + [None] * (4 - len(node.args))
+    args[2], args[3] = start, start + r.size(mid)
+    node.args = tuple(args[:4]) + tuple(node.args[4:])
+
+
+@rule(*aten_ops("slice"), rewrite=_slice_rewrite)
+def slice_(ctx: RuleContext, node: fx.Node) -> None:
+    # y = x[a:b] along d: x[d] = Cat(pre, y[d], post) (a step other than 1 freezes the dim)
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    n = ctx.shape(node.args[0])
+    d = _dim(int(ctx.arg(1, "dim", 0)), len(xd))
+    step = int(ctx.arg(4, "step", 1) or 1)
+    ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(y) if i != d])
+    start = ctx.arg(2, "start", 0) or 0
+    start = max(0, min(n[d], start + n[d] if start < 0 else start))
+    length = ctx.shape(node)[d]
+    node.meta["etp_rule_data"] = {"pre": None, "mid": y[d]}
+    if step != 1:
+        ctx.freeze([xd[d], y[d]], "strided slice")
+        return
+    pieces = [p for p in (start, length, n[d] - start - length)]
+    pre, post = ctx.fresh(start) if start else None, ctx.fresh(pieces[2]) if pieces[2] else None
+    ctx.same(xd[d], Cat(tuple(t for t in (pre, y[d], post) if t is not None)))
+    node.meta["etp_rule_data"] = {"pre": pre, "mid": y[d]}
+
+
+@rule(*aten_ops("index_select", "gather", "index", "take_along_dim", "scatter", "scatter_add",
+                "scatter_reduce", "index_put", "index_add", "index_copy", "masked_select",
+                "roll", "flip", inplace=True))
+def indexing(ctx: RuleContext, node: fx.Node) -> None:
+    # data-dependent addressing: every dim of the data input and the output is frozen
+    # (a later refinement can pass through the dims that are not indexed)
+    ts = [ctx.dims(a) for a in node.args if ctx.dims(a) is not None]
+    out = ctx.out()
+    outs = list(out) if isinstance(out, tuple) else [out]
+    ctx.freeze([t for d in ts + outs if d for t in d], f"{_name(node)} addresses elements by index")
+
+
+def _pad_rewrite(r: Any, node: fx.Node) -> None:
+    pass  # padding amounts are per dim and do not depend on widths
+
+
+@rule(*aten_ops("pad", "constant_pad_nd"), rewrite=_pad_rewrite)
+def pad(ctx: RuleContext, node: fx.Node) -> None:
+    # y[d] = Cat(new, x[d], new) for padded dims; unpadded dims ~
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    amounts = list(node.args[1])
+    n = len(xd)
+    for i in range(n):
+        k = n - 1 - i  # pad lists start at the last dim
+        lo, hi = (amounts[2 * k], amounts[2 * k + 1]) if 2 * k + 1 < len(amounts) else (0, 0)
+        if lo == 0 and hi == 0:
+            ctx.same(xd[i], y[i])
+        else:
+            ctx.freeze([xd[i], y[i]], "padded dim")
+
+
+# --- sources: tensors made inside the graph ----------------------------------------------------
+
+@rule(*aten_ops("zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones",
+                "new_empty", "new_full", "scalar_tensor"),
+      rewrite=None)
+def factory(ctx: RuleContext, node: fx.Node) -> None:
+    # a constant made in the graph: its dims are new axes (free to follow their consumers)
+    pass
+
+
+@rule(*aten_ops("arange", "linspace", "tensor", "eye"))
+def arange(ctx: RuleContext, node: fx.Node) -> None:
+    # values depend on the length: frozen
+    ctx.freeze(ctx.out(), f"{_name(node)} values depend on its length")
+
+
+def _factory_rewrite(r: Any, node: fx.Node) -> None:
+    name = _name(node)
+    i = 1 if name.startswith("new_") else 0
+    args = list(node.args)
+    args[i] = list(r.shape(node))
+    node.args = tuple(args)
+
+
+for _op in aten_ops("zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones",
+                    "new_empty", "new_full"):
+    from .table import RULES as _R
+    _R[_op].rewrite = _factory_rewrite

@@ -1,0 +1,169 @@
+"""The one extension point of etp_fx: a table from op to channel rule.
+
+A *rule* is a function ``rule(ctx, node)`` that states, with ``ctx.same(a, b)``, which dims of
+the node's inputs and outputs index the same units, and tags parameter dims with roles. It may
+also carry a ``rewrite(rctx, node)`` hook that fixes the node's shape arguments once widths
+change. An op with no rule is a *barrier*: every dim it touches is frozen.
+
+Register a rule for your own op in a few lines (see ``docs/rules.md``)::
+
+    import etp_fx
+    from etp_fx.rules import rule
+
+    @rule(torch.ops.mylib.scale_rows)
+    def scale_rows(ctx, node):
+        x = ctx.dims(node.args[0])
+        ctx.same_all(x, ctx.out())   # output channels are the input channels
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..layout import Axis, LayoutError, Term, freeze, mark_inexact, unify
+
+__all__ = ["Rule", "RULES", "rule", "lookup", "RuleContext", "aten_ops"]
+
+RuleFn = Callable[["RuleContext", fx.Node], None]
+RewriteFn = Callable[[Any, fx.Node], None]
+
+
+@dataclass
+class Rule:
+    """How channels flow through one op, and how the op is rewritten when widths change."""
+
+    name: str
+    couple: RuleFn
+    rewrite: RewriteFn | None = None
+    # ops that mix units by contraction (their weights read the units): constants of removed
+    # units can be folded into their bias
+    contracts: bool = False
+    # MACs of one call as a sympy expression of the widths: ``cost(c, node)`` (see cost.py)
+    cost: Callable[[Any, fx.Node], Any] | None = None
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def rule(*ops: Any, rewrite: RewriteFn | None = None, contracts: bool = False,
+         cost: Callable[[Any, fx.Node], Any] | None = None):
+    """Decorator: register ``fn(ctx, node)`` as the channel rule of ``ops``.
+
+    ``ops`` are ``torch.ops.aten.*`` packets or overloads, custom ``torch.ops.<ns>.<op>`` ops,
+    or Python callables that appear as ``call_function`` targets. A later registration replaces
+    an earlier one, so users can override built-in rules.
+    """
+    def deco(fn: RuleFn) -> RuleFn:
+        r = Rule(fn.__name__, fn, rewrite, contracts, cost)
+        for op in ops:
+            RULES[op] = r
+        fn.rule = r  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def aten_ops(*names: str, inplace: bool = False) -> list[Any]:
+    """``torch.ops.aten`` packets by name (skipping names this torch lacks), optionally with
+    their in-place ``name_`` twins, which the training IR of torch.export keeps."""
+    out = []
+    for n in names:
+        for m in ([n, n + "_"] if inplace else [n]):
+            try:
+                out.append(getattr(torch.ops.aten, m))
+            except (AttributeError, RuntimeError):
+                pass
+    return out
+
+
+def lookup(node: fx.Node) -> Rule | None:
+    """The rule for a node's target: the exact overload first, then its packet."""
+    t = node.target
+    if t in RULES:
+        return RULES[t]
+    packet = getattr(t, "overloadpacket", None)
+    if packet is not None and packet in RULES:
+        return RULES[packet]
+    return None
+
+
+# --- the context a rule sees -------------------------------------------------------------------
+
+@dataclass
+class RuleContext:
+    """What a rule may do: read the layouts of tensors, state couplings, tag parameter dims."""
+
+    node: fx.Node
+    dims_of: Callable[[fx.Node], list]
+    roles: dict[tuple[str, int], set[str]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # reading
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``i`` or keyword ``name`` of the node."""
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def dims(self, x: Any) -> list[Term] | None:
+        """Layouts of the dims of tensor argument ``x`` (None for non-tensors)."""
+        if isinstance(x, fx.Node):
+            d = self.dims_of(x)
+            return d if isinstance(d, list) else None  # a tuple holds a multi-output's parts
+        return None
+
+    def out(self, i: int | None = None) -> list[Term]:
+        d = self.dims_of(self.node)
+        return d[i] if i is not None else d
+
+    def shape(self, x: Any) -> tuple[int, ...] | None:
+        v = x.meta.get("val") if isinstance(x, fx.Node) else None
+        return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+    # stating
+    def same(self, a: Term, b: Term) -> bool:
+        """Units of ``a`` and ``b`` are the same; on conflict both are frozen (never guessed)."""
+        try:
+            unify(a, b)
+            return True
+        except LayoutError as e:
+            freeze([a, b], f"cannot align channels at {self.where()}: {e}")
+            return False
+
+    def same_all(self, xs: Sequence[Term], ys: Sequence[Term]) -> None:
+        for a, b in zip(xs, ys):
+            self.same(a, b)
+
+    def freeze(self, terms: Iterable[Term], why: str) -> None:
+        freeze(terms, f"{why} at {self.where()}")
+
+    def inexact(self, terms: Iterable[Term], why: str) -> None:
+        mark_inexact(terms, f"{why} at {self.where()}")
+
+    def role(self, x: Any, dim: int, role: str) -> None:
+        """Tag dim ``dim`` of parameter ``x`` (a get_attr node) with a role: ``out`` (writes the
+        units), ``in`` (reads them), ``affine``/``bias``/``stat`` (per-unit vectors)."""
+        if isinstance(x, fx.Node) and x.op == "get_attr":
+            self.roles.setdefault((str(x.target), dim % len(self.dims(x))), set()).add(role)
+
+    def fresh(self, size: int, why: str = "") -> Axis:
+        return Axis(size, why or self.node.name)
+
+    def where(self) -> str:
+        return self.node.format_node()
+
+
+def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
+    """``out = parts[i]``: the layouts of the i-th output of a multi-output op."""
+    src, i = node.args
+    d = ctx.dims_of(src)
+    if isinstance(d, tuple) and isinstance(i, int):
+        ctx.same_all(ctx.out(), d[i])
+    elif d is not None:
+        ctx.freeze(ctx.out(), "indexing a non-tuple")
+
+
+RULES[operator.getitem] = Rule("getitem", getitem_rule)

@@ -1,0 +1,47 @@
+"""``etp_fx.trace``: capture a model and build its dependency graph in one call."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .capture import capture, normalize_inputs
+from .depgraph import DependencyGraph, build_graph
+
+__all__ = ["trace", "signature_of"]
+
+
+def signature_of(model: torch.nn.Module) -> tuple:
+    """Names and shapes of the parameters: what a graph must match to be used on a model."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def trace(model: torch.nn.Module, example_inputs: Any, *,
+          kwargs: Mapping[str, Any] | None = None) -> DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` and build its coupled-channel dependency graph.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; it is not modified, and the train/eval mode of each submodule is restored.
+        Parameters may live on the ``meta`` device.
+    example_inputs : Tensor, tuple or dict
+        One input tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    kwargs : dict, optional
+        Extra keyword inputs.
+
+    Returns
+    -------
+    DependencyGraph
+
+    Examples
+    --------
+    >>> import torch, etp_fx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> g = etp_fx.trace(net, torch.randn(1, 4))
+    >>> [(grp.id, grp.size) for grp in g.groups]
+    [('0.weight[0]', 8)]
+    """
+    args, kw = normalize_inputs(example_inputs, kwargs)
+    gm = capture(model, args, kw)
+    return build_graph(gm, signature_of(model))
