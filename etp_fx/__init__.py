@@ -3,7 +3,10 @@ from .capture import InputError, TraceError
 from .depgraph import ChannelGroup, DependencyGraph, Member
 from .rules import rule
 from .trace import trace
+from .zero import zero_units
+from .compress import compress, VerificationError
+from .plan import PlanError
 
 __version__ = "0.1.0"
-__all__ = ["trace", "DependencyGraph", "ChannelGroup", "Member", "rule", "TraceError",
+__all__ = ["trace", "zero_units", "compress", "VerificationError", "PlanError", "DependencyGraph", "ChannelGroup", "Member", "rule", "TraceError",
            "InputError"]

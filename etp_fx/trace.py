@@ -8,7 +8,7 @@ import torch
 from .capture import capture, normalize_inputs
 from .depgraph import DependencyGraph, build_graph
 
-__all__ = ["trace", "signature_of"]
+__all__ = ["trace", "trace_args", "signature_of"]
 
 
 def signature_of(model: torch.nn.Module) -> tuple:
@@ -43,5 +43,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
     [('0.weight[0]', 8)]
     """
     args, kw = normalize_inputs(example_inputs, kwargs)
-    gm = capture(model, args, kw)
-    return build_graph(gm, signature_of(model))
+    return trace_args(model, args, kw)
+
+
+def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict) -> DependencyGraph:
+    """:func:`trace` on already normalised positional and keyword inputs."""
+    return build_graph(capture(model, args, kwargs), signature_of(model))

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..layout import Cat, Prod, size_of
-from .table import RuleContext, aten_ops, rule
+from .table import FoldSpec, RuleContext, aten_ops, rule
 
 
 def _dim(d: int, n: int) -> int:
@@ -77,7 +77,12 @@ def _linear_macs(c: Any, node: fx.Node) -> Any:
     return c.numel(node) * c.size(c.dims(node.args[0])[-1])
 
 
-@rule(*aten_ops("linear"), contracts=True, cost=_linear_macs)
+def _is_weight(x: Any) -> bool:
+    return isinstance(x, fx.Node) and x.op == "get_attr"
+
+
+@rule(*aten_ops("linear"), contracts=True, cost=_linear_macs,
+      fold=lambda n: FoldSpec(x=0, dim=-1, bias=2, out_dim=-1) if _is_weight(n.args[1]) else None)
 def linear(ctx: RuleContext, node: fx.Node) -> None:
     # y[..., o] = x[..., i] W[o, i] + b[o]:  x[-1] ~ W[1] (in),  y[-1] ~ W[0] ~ b[0] (out)
     x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
@@ -93,19 +98,25 @@ def linear(ctx: RuleContext, node: fx.Node) -> None:
         ctx.role(b, 0, "bias")
 
 
+def set_arg(node: fx.Node, index: int, value: Any) -> None:
+    """Set argument ``index`` of an ATen call positionally, filling the ones before it from
+    keywords or the op's schema defaults."""
+    schema = node.target._schema.arguments
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    for i in range(len(args), index + 1):
+        a = schema[i]
+        args.append(kwargs.pop(a.name) if a.name in kwargs else a.default_value)
+    kwargs.pop(schema[index].name, None)
+    args[index] = value
+    node.args, node.kwargs = tuple(args), kwargs
+
+
 def _conv_groups_rewrite(r: Any, node: fx.Node) -> None:
     """``groups`` becomes the new width of the group axis."""
-    gi = node.meta["etp_rule_data"]["groups_index"]
-    g = node.meta["etp_rule_data"]["G"]
-    args = list(node.args)
-    while len(args) <= gi:
-        args.append(node.kwargs.get("groups", 1) if len(args) == gi else _CONV_DEFAULTS[len(args)])
-    args[gi] = r.size(g)
-    node.args = tuple(args)
-    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "groups"}
-
-
-_CONV_DEFAULTS = {2: None, 3: 1, 4: 0, 5: 1, 6: 1}
+    data = node.meta["etp_rule_data"]
+    if r.size(data["G"]) != size_of(data["G"]):
+        set_arg(node, data["groups_index"], r.size(data["G"]))
 
 
 def _couple_conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int,
@@ -151,8 +162,14 @@ def _conv_macs(c: Any, node: fx.Node) -> Any:
     return c.numel(node) * c.size(wd[1]) * window
 
 
+def _conv_fold(n: fx.Node) -> FoldSpec | None:
+    batched = len(n.args[0].meta["val"].shape) == len(n.args[1].meta["val"].shape)
+    d = 1 if batched else 0
+    return FoldSpec(x=0, dim=d, bias=2, out_dim=d) if _is_weight(n.args[1]) else None
+
+
 @rule(*aten_ops("conv1d", "conv2d", "conv3d"), rewrite=_conv_groups_rewrite, contracts=True,
-      cost=_conv_macs)
+      cost=_conv_macs, fold=_conv_fold)
 def conv(ctx: RuleContext, node: fx.Node) -> None:
     # conv(x, W, b, stride, padding, dilation, groups)
     _couple_conv(ctx, node, False, int(ctx.arg(6, "groups", 1)), 6)
@@ -163,13 +180,14 @@ def _conv_transpose_rewrite(r: Any, node: fx.Node) -> None:
 
 
 @rule(*aten_ops("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
-      rewrite=_conv_transpose_rewrite, contracts=True, cost=_conv_macs)
+      rewrite=_conv_transpose_rewrite, contracts=True, cost=_conv_macs, fold=_conv_fold)
 def conv_transpose(ctx: RuleContext, node: fx.Node) -> None:
     # conv_transpose(x, W, b, stride, padding, output_padding, groups, dilation)
     _couple_conv(ctx, node, True, int(ctx.arg(6, "groups", 1)), 6)
 
 
-@rule(*aten_ops("convolution"), rewrite=_conv_groups_rewrite, contracts=True, cost=_conv_macs)
+@rule(*aten_ops("convolution"), rewrite=_conv_groups_rewrite, contracts=True, cost=_conv_macs,
+      fold=_conv_fold)
 def convolution(ctx: RuleContext, node: fx.Node) -> None:
     # convolution(x, W, b, stride, padding, dilation, transposed, output_padding, groups)
     _couple_conv(ctx, node, bool(ctx.arg(6, "transposed")), int(ctx.arg(8, "groups", 1)), 8)
@@ -204,13 +222,19 @@ def _matmul_macs(c: Any, node: fx.Node) -> Any:
     return c.numel(node) * c.size(c.dims(a)[-1])
 
 
-@rule(*aten_ops("matmul", "mm", "bmm"), contracts=True, cost=_matmul_macs)
+def _matmul_fold(n: fx.Node) -> FoldSpec | None:
+    # x @ W with a weight on the right: linear in x along x[-1]
+    return FoldSpec(x=0, dim=-1, bias=None, out_dim=-1) if _is_weight(n.args[1]) else None
+
+
+@rule(*aten_ops("matmul", "mm", "bmm"), contracts=True, cost=_matmul_macs, fold=_matmul_fold)
 def matmul(ctx: RuleContext, node: fx.Node) -> None:
     # y = a @ b (numpy matmul semantics)
     _matmul_dims(ctx, node.args[0], node.args[1], ctx.out())
 
 
-@rule(*aten_ops("addmm", "baddbmm", "addmv"), contracts=True, cost=_matmul_macs)
+@rule(*aten_ops("addmm", "baddbmm"), contracts=True, cost=_matmul_macs,
+      fold=lambda n: FoldSpec(x=1, dim=-1, bias=0, out_dim=-1) if _is_weight(n.args[2]) else None)
 def addmm(ctx: RuleContext, node: fx.Node) -> None:
     # y = beta*c + alpha*(a @ b): a @ b as matmul, c broadcast onto y
     _matmul_dims(ctx, node.args[1], node.args[2], ctx.out())
@@ -254,8 +278,7 @@ def einsum(ctx: RuleContext, node: fx.Node) -> None:
 def _sdpa_rewrite(r: Any, node: fx.Node) -> None:
     """The default scale is 1/sqrt(E) of the *original* head dim: pin it."""
     if node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None):
-        e = node.meta["etp_rule_data"]["E"]
-        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(e)}
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(node.meta["etp_rule_data"]["E"])}
 
 
 def _sdpa_macs(c: Any, node: fx.Node) -> Any:

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..layout import Axis, LayoutError, Term, freeze, mark_inexact, unify
 
-__all__ = ["Rule", "RULES", "rule", "lookup", "RuleContext", "aten_ops"]
+__all__ = ["Rule", "FoldSpec", "RULES", "rule", "lookup", "RuleContext", "aten_ops"]
 
 RuleFn = Callable[["RuleContext", fx.Node], None]
 RewriteFn = Callable[[Any, fx.Node], None]
@@ -44,13 +44,28 @@ class Rule:
     contracts: bool = False
     # MACs of one call as a sympy expression of the widths: ``cost(c, node)`` (see cost.py)
     cost: Callable[[Any, fx.Node], Any] | None = None
+    # for ops linear in one input whose other operand is a weight: ``fold(node) -> FoldSpec``
+    # says which input and dim are contracted, so constants of removed units can be folded
+    fold: Callable[[fx.Node], "FoldSpec | None"] | None = None
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """``node`` is linear in ``args[x]`` along the contracted dim ``dim``; ``bias`` is the index
+    of its additive argument (None if it has none) and ``out_dim`` the output dim it adds to."""
+
+    x: int
+    dim: int
+    bias: int | None
+    out_dim: int
 
 
 RULES: dict[Any, Rule] = {}
 
 
 def rule(*ops: Any, rewrite: RewriteFn | None = None, contracts: bool = False,
-         cost: Callable[[Any, fx.Node], Any] | None = None):
+         cost: Callable[[Any, fx.Node], Any] | None = None,
+         fold: Callable[[fx.Node], FoldSpec | None] | None = None):
     """Decorator: register ``fn(ctx, node)`` as the channel rule of ``ops``.
 
     ``ops`` are ``torch.ops.aten.*`` packets or overloads, custom ``torch.ops.<ns>.<op>`` ops,
@@ -58,7 +73,7 @@ def rule(*ops: Any, rewrite: RewriteFn | None = None, contracts: bool = False,
     an earlier one, so users can override built-in rules.
     """
     def deco(fn: RuleFn) -> RuleFn:
-        r = Rule(fn.__name__, fn, rewrite, contracts, cost)
+        r = Rule(fn.__name__, fn, rewrite, contracts, cost, fold)
         for op in ops:
             RULES[op] = r
         fn.rule = r  # type: ignore[attr-defined]

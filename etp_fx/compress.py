@@ -1,0 +1,194 @@
+"""``etp_fx.compress``: one call from a model and a plan to a dense, smaller, verified model."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import normalize_inputs
+from .depgraph import DependencyGraph
+from .fold import apply_folds, plan_folds
+from .plan import PlanError, check_model_matches, check_plan, kept_units
+from .rewrite import _flat_inputs, check_shapes, rewrite_module
+from .trace import trace_args
+from .zero import zero_units
+
+__all__ = ["compress", "VerificationError"]
+
+
+class VerificationError(RuntimeError):
+    """The compressed model does not compute what the zeroed original computes."""
+
+
+def _check_weights(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not p.dtype.is_floating_point or p.is_quantized:
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; etp_fx prunes float "
+                            f"models. Prune before quantizing, then quantize the smaller model.")
+        if p.device.type == "meta":
+            raise TypeError(f"parameter {name!r} is on the meta device: trace() can analyse such "
+                            f"a model, but compress() needs real weights")
+
+
+def _select(graph: DependencyGraph, model: torch.nn.Module, remove, threshold, ratio,
+            target_macs, target_params, allow_approximate: bool) -> dict[str, list[int]]:
+    given = [k for k, v in dict(remove=remove, threshold=threshold, ratio=ratio,
+                                  target_macs=target_macs, target_params=target_params).items()
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of remove=, threshold=, ratio=, target_macs=, "
+                         f"target_params= (got {given or 'none'})")
+    for k in ("target_macs", "target_params"):
+        v = locals()[k]
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise ValueError(f"{k} is the share of the original to keep and must lie in (0, 1]; "
+                             f"got {v!r}")
+    if ratio is not None and not (0 <= ratio < 1):
+        raise ValueError(f"ratio is the share of units to remove and must lie in [0, 1); got {ratio!r}")
+    if remove is not None:
+        return check_plan(graph, remove)
+    from . import select  # the selection strategies live in select.py
+    if threshold is not None:
+        return select.by_threshold(graph, model, threshold, allow_approximate=allow_approximate)
+    if ratio is not None:
+        return select.by_ratio(graph, model, ratio, allow_approximate=allow_approximate)
+    if target_macs is not None:
+        return select.by_budget(graph, model, macs=target_macs, allow_approximate=allow_approximate)
+    return select.by_budget(graph, model, params=target_params, allow_approximate=allow_approximate)
+
+
+def compress(model: torch.nn.Module, example_inputs: Any, *,
+             remove: Mapping[str, Iterable[int]] | None = None,
+             threshold: float | None = None, ratio: float | None = None,
+             target_macs: float | None = None, target_params: float | None = None,
+             graph: DependencyGraph | None = None, verify: bool = True,
+             keep_constants: bool | None = None, allow_approximate: bool = False,
+             kwargs: Mapping[str, Any] | None = None, rtol: float = 1e-5) -> fx.GraphModule:
+    """Remove units and return a dense, smaller ``torch.fx.GraphModule``.
+
+    The result computes what ``zero_units(copy(model), graph, plan)`` computes (the *zeroed
+    original*), and with ``verify=True`` this is checked by running both on the example inputs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified. Compressed in eval mode (BatchNorm on running statistics, dropout off);
+        a model in training mode gets a warning.
+    example_inputs : Tensor, tuple or dict
+        Inputs the result is traced for (shapes are static, as in ``torch.export``).
+    remove, threshold, ratio, target_macs, target_params
+        Exactly one: an explicit plan ``{group_id: [unit indices]}``; or a norm threshold; a
+        share of units to remove; or the share of MACs / params to keep, in (0, 1].
+    graph : DependencyGraph, optional
+        A graph traced from this model, to avoid tracing again.
+    verify : bool
+        Run the compressed model against the zeroed original and raise
+        :class:`VerificationError`, naming the groups, on any difference beyond ``rtol`` of the
+        output's scale.
+    keep_constants : bool, optional
+        Keep the per-unit biases and norm shifts of removed units and fold their constants into
+        the consumers. Default: False for ``remove=`` (units are zeroed whole), True for the
+        norm-based selections (trained biases are preserved).
+    allow_approximate : bool
+        Allow removing units of groups whose removal is approximate (norms over the pruned dim).
+        Verification then reports the deviation instead of raising.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        With ``meta["etp_report"]``: params and MACs before and after, each changed group (old
+        width, new width, exactness), folds and the verified deviation.
+    """
+    _check_weights(model)
+    args, kw = normalize_inputs(example_inputs, kwargs)
+    if model.training:
+        warnings.warn("compress() treats the model as in eval mode (BatchNorm uses running "
+                      "statistics, dropout is off); the model you passed is left in training "
+                      "mode", stacklevel=2)
+    graph = graph if graph is not None else trace_args(model, args, kw)
+    check_model_matches(graph, model)
+    plan = _select(graph, model, remove, threshold, ratio, target_macs, target_params,
+                   allow_approximate)
+    approximate = [gid for gid in plan if not graph[gid].exact]
+    if approximate and not allow_approximate:
+        raise PlanError(f"removing units of {approximate[:3]} is approximate "
+                        f"({graph[approximate[0]].inexact_reasons[0].split(' at ')[0]}); pass "
+                        f"allow_approximate=True to accept that")
+    if keep_constants is None:
+        keep_constants = remove is None
+    work = copy.deepcopy(model)
+    zero_units(work, graph, plan, keep_constants=keep_constants)
+    g2 = trace_args(work, args, kw)
+    return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol)
+
+
+def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str, list[int]],
+                     args: tuple, kw: dict, verify: bool, approximate: list[str], rtol: float):
+    gm = g2.module
+    for gid, units in plan.items():
+        if gid not in {g.id for g in g2.groups} or g2[gid].size != graph[gid].size:
+            raise RuntimeError(f"group {gid!r} changed between two traces of the same model; "
+                               f"etp_fx cannot compress it safely")
+    keep = kept_units(g2, plan)
+    group_of = {g2[gid].uid: gid for gid in plan}
+    with torch.no_grad():
+        reference = gm(*args, **kw) if verify else None
+    folds = plan_folds(gm, keep, group_of, args, kw)
+    widths = {gid: g2[gid].size - len(units) for gid, units in plan.items()}
+    rewrite_module(gm, keep)
+    fold_lines = apply_folds(gm, folds, keep)
+    with torch.no_grad():
+        check_shapes(gm, keep, args, kw)
+    report = _report(g2, plan, widths, gm, fold_lines)
+    if verify:
+        with torch.no_grad():
+            got = gm(*args, **kw)
+        report["max_abs_diff"], report["output_scale"] = _compare(reference, got)
+        bad = report["max_abs_diff"] > rtol * max(report["output_scale"], 1e-12)
+        if bad and not approximate:
+            raise VerificationError(
+                f"the compressed model differs from the zeroed original by "
+                f"{report['max_abs_diff']:.3g} (output scale {report['output_scale']:.3g}) after "
+                f"removing units of {sorted(plan)[:5]}{'...' if len(plan) > 5 else ''}. This is an "
+                f"etp_fx bug: please report it; compress each group alone to find the culprit.")
+    gm.meta["etp_report"] = report
+    gm.meta["etp_example_inputs"] = (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), args),
+                                     pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), kw))
+    return gm
+
+
+def _compare(a: Any, b: Any) -> tuple[float, float]:
+    fa = [t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    fb = [t for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb)):
+        raise VerificationError("the compressed model's outputs have other shapes than the "
+                                "original's; the model interface must not change")
+    diff = max((float((x - y).abs().max()) for x, y in zip(fa, fb) if x.numel()), default=0.0)
+    scale = max((float(x.abs().max()) for x in fa if x.numel()), default=0.0)
+    return diff, scale
+
+
+def _report(g2: DependencyGraph, plan, widths, gm: fx.GraphModule, fold_lines) -> dict:
+    cm = g2.cost
+    counted = sum(p.numel() for n, p in gm.named_parameters())
+    predicted = cm.params(widths)
+    # folds may add a bias where there was none: those parameters are counted separately
+    added = sum(p.numel() for n, p in gm.named_parameters() if n.startswith("_etp_bias_"))
+    if counted - added != predicted:
+        raise RuntimeError(f"parameter count {counted - added:,} differs from the cost model's "
+                           f"{predicted:,}: an etp_fx bug, please report it")
+    groups = {}
+    for gid, removed in plan.items():
+        g = g2[gid]
+        exactness = "exact" if g.exact else "approximate"
+        if g.exact and any(gid in line for line in fold_lines):
+            exactness = "exact-after-folding"
+        groups[gid] = {"old": g.size, "new": widths[gid], "exactness": exactness,
+                       "removed": list(removed)}
+    return {"params_before": cm.params(), "params_after": counted,
+            "macs_before": cm.macs(), "macs_after": cm.macs(widths), "groups": groups,
+            "folds": fold_lines}

@@ -1,0 +1,181 @@
+"""Fold the constants carried by removed units into their consumers.
+
+A removed unit whose producing weights are zero still carries a constant where a bias, a
+BatchNorm shift or ``sigmoid(0)`` put one. A consumer that is linear in that input (Linear,
+conv, ``x @ W``) turns the constant into a fixed contribution ``C = op(Z) - op(0)``, where ``Z``
+holds only the removed units' constants. ``C`` is added to the consumer's bias when it is the
+same at every position, and otherwise (a zero-padded conv sees the constant only inside the
+image) added as a constant map after the op. Both are exact for the traced input shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from .layout import kept_indices, leaves, new_size
+from .rewrite import RewriteContext, _flat_inputs, _set_attr, slice_tensor
+from .rules.table import lookup
+
+__all__ = ["FoldError", "Fold", "plan_folds", "apply_folds"]
+
+
+class FoldError(RuntimeError):
+    """Removed units carry input-dependent values into a consumer: removing them would change
+    the result."""
+
+
+@dataclass
+class Fold:
+    node: str  # the consumer node's name
+    contribution: torch.Tensor  # full-width contribution C (batch dims kept as in the trace)
+    groups: list[str]  # ids of the groups whose units carried the constant
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out
+        return out
+
+
+def _removed(t, keep) -> list[int]:
+    kept = set(kept_indices(t, keep))
+    return [i for i in range(new_size(t, {})) if i not in kept]
+
+
+def plan_folds(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], group_of: Mapping[int, str],
+               args: tuple, kwargs: dict, rtol: float = 1e-6) -> list[Fold]:
+    """Run the full-width (zeroed) module once and compute every consumer's contribution."""
+    todo = []
+    for node in gm.graph.nodes:
+        rule = lookup(node) if node.op == "call_function" else None
+        spec = rule.fold(node) if rule is not None and rule.fold is not None else None
+        if spec is None:
+            continue
+        x = node.args[spec.x]
+        dims = x.meta["etp_dims"]
+        d = spec.dim % len(dims)
+        rem = _removed(dims[d], keep)
+        if rem:
+            todo.append((node, spec, x, d, rem))
+    if not todo:
+        return []
+    rec = _Recorder(gm, {n.name for n, *_ in todo} | {x.name for _, _, x, _, _ in todo})
+    with torch.no_grad():
+        rec.run(*_flat_inputs(gm, args, kwargs))
+    folds = []
+    for node, spec, x, d, rem in todo:
+        f = _one_fold(gm, node, spec, x, d, rem, rec.values, group_of, rtol)
+        if f is not None:
+            folds.append(f)
+    return folds
+
+
+def _one_fold(gm, node, spec, x, d, rem, values, group_of, rtol) -> Fold | None:
+    X = values[x.name]
+    idx = torch.tensor(rem, dtype=torch.long)
+    XR = X.index_select(d, idx)
+    groups = sorted({group_of[l.uid] for l in leaves(x.meta["etp_dims"][d]) if l.uid in group_of})
+    if float(XR.abs().max()) == 0.0:
+        return None
+    call_args = [values.get(a.name, None) if isinstance(a, fx.Node) else a for a in node.args]
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        a = list(call_args)
+        a[spec.x] = z
+        a = [_param(gm, node.args[i]) if isinstance(node.args[i], fx.Node) and i != spec.x
+             else v for i, v in enumerate(a)]
+        return node.target(*a, **node.kwargs)
+
+    # what the removed units add to the output (the op is linear in x)
+    Z = torch.zeros_like(X).index_copy_(d, idx, XR)
+    with torch.no_grad():
+        C = run(Z) - run(torch.zeros_like(X))
+    if float(C.abs().max()) == 0.0:  # the consumer's columns for these units are zero
+        return None
+    # a non-zero contribution may stay only if it does not depend on the input: each removed
+    # unit must carry one constant, the same value at every other index
+    moved = XR.movedim(d, 0).reshape(len(rem), -1)
+    scale = float(X.abs().max()) or 1.0
+    if float((moved - moved[:, :1]).abs().max()) > rtol * scale + 1e-12:
+        raise FoldError(
+            f"units of group(s) {groups} removed before {node.format_node()} carry values that "
+            f"depend on the input into weights that are not zero, so removing them would change "
+            f"the result. Zero those units whole (zero_units with keep_constants=False), or "
+            f"train them to zero first.")
+    return Fold(node.name, C, groups)
+
+
+def _param(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
+    if n.op == "get_attr":
+        mod, _, attr = str(n.target).rpartition(".")
+        return getattr(gm.get_submodule(mod) if mod else gm, attr).detach()
+    raise FoldError(f"cannot fold into {n.format_node()}: operand is not a weight")
+
+
+def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: Mapping[int, Sequence[int]]) -> list[str]:
+    """Add each contribution to its consumer (bias, or a constant after the op). Call after
+    :func:`etp_fx.rewrite.rewrite_module`; returns one line per fold for the report."""
+    r = RewriteContext(keep)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    lines = []
+    for i, f in enumerate(folds):
+        node = nodes[f.node]
+        spec = lookup(node).fold(node)
+        C = slice_tensor(f.contribution, node.meta["etp_dims"], r)
+        od = spec.out_dim % C.dim()
+        per_channel = _constant_except(C, od)
+        if per_channel is not None and spec.bias is not None:
+            _add_to_bias(gm, node, spec.bias, per_channel, i)
+            lines.append(f"{f.node}: constants of {', '.join(f.groups)} folded into the bias")
+        else:
+            name = f"_etp_fold_{i}"
+            batch_const = C[:1] if C.dim() > 1 and torch.equal(C, C[:1].expand_as(C)) else C
+            gm.register_buffer(name, batch_const.contiguous())
+            with gm.graph.inserting_after(node):
+                const = gm.graph.get_attr(name)
+            with gm.graph.inserting_after(const):
+                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, const))
+            node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+            add.meta["etp_dims"] = node.meta["etp_dims"]
+            const.meta["etp_dims"] = None
+            lines.append(f"{f.node}: constants of {', '.join(f.groups)} added as a constant map "
+                         f"(position-dependent, e.g. zero padding)")
+    gm.graph.lint()
+    gm.recompile()
+    return lines
+
+
+def _constant_except(C: torch.Tensor, d: int) -> torch.Tensor | None:
+    """The vector along dim ``d`` if ``C`` is the same at every other index, else None."""
+    moved = C.movedim(d, 0).reshape(C.shape[d], -1)
+    first = moved[:, :1]
+    scale = float(moved.abs().max()) or 1.0
+    if float((moved - first).abs().max()) <= 1e-6 * scale:
+        return first[:, 0]
+    return None
+
+
+def _add_to_bias(gm: fx.GraphModule, node: fx.Node, bi: int, vec: torch.Tensor, i: int) -> None:
+    args = list(node.args)
+    while len(args) <= bi:
+        args.append(None)
+    b = args[bi]
+    if isinstance(b, fx.Node) and b.op == "get_attr":
+        old = _param(gm, b)
+        _set_attr(gm, str(b.target), (old + vec.to(old.dtype)).contiguous())
+        return
+    name = f"_etp_bias_{i}"
+    gm.register_parameter(name, torch.nn.Parameter(vec.contiguous(), requires_grad=True))
+    with gm.graph.inserting_before(node):
+        args[bi] = gm.graph.get_attr(name)
+    args[bi].meta["etp_dims"] = None
+    node.args = tuple(args)

@@ -1,0 +1,143 @@
+"""The rewrite pass: slice every parameter, fix every shape argument, check every shape.
+
+Input: a captured graph module whose dims carry layouts (``node.meta["etp_dims"]``) and the
+kept units of each leaf axis. Output: the same module, rewritten in place into a dense smaller
+one. Widths are never guessed: after rewriting, the module is run once and each node's shape is
+compared with the one the layouts predict; a mismatch raises an error carrying the node.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from .layout import Term, kept_indices, new_size
+from .rules.table import lookup
+
+__all__ = ["RewriteError", "RewriteContext", "rewrite_module", "slice_tensor", "check_shapes"]
+
+
+class RewriteError(RuntimeError):
+    """The rewritten graph is inconsistent; the message carries the node."""
+
+
+class RewriteContext:
+    """What a rule's ``rewrite`` hook sees: the new width of any layout or tensor."""
+
+    def __init__(self, keep: Mapping[int, Sequence[int]]) -> None:
+        self.keep = keep
+
+    def size(self, t: Term) -> int:
+        return new_size(t, self.keep)
+
+    def shape(self, node: fx.Node) -> list[int]:
+        return [self.size(t) for t in node.meta["etp_dims"]]
+
+    def indices(self, t: Term) -> list[int] | None:
+        """Kept indices of a dim, or None when the dim keeps everything."""
+        idx = kept_indices(t, self.keep)
+        return None if len(idx) == new_size(t, {}) else idx
+
+
+def slice_tensor(t: torch.Tensor, dims: Sequence[Term], r: RewriteContext) -> torch.Tensor:
+    """``t`` with only the kept indices along every dim."""
+    out = t
+    for d, term in enumerate(dims):
+        idx = r.indices(term)
+        if idx is not None:
+            out = out.index_select(d, torch.tensor(idx, dtype=torch.long, device=t.device))
+    return out.contiguous() if out is not t else t
+
+
+def _set_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    old = getattr(mod, attr)
+    if isinstance(old, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        if attr in mod._parameters:
+            mod._parameters[attr] = value
+            return
+    if attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        setattr(mod, attr, value)
+
+
+def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.GraphModule:
+    """Slice parameters and fix shape arguments of ``gm`` in place, then recompile."""
+    r = RewriteContext(keep)
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(node.meta.get("etp_dims"), list):
+            name = str(node.target)
+            if name in done:
+                continue
+            done.add(name)
+            mod_name, _, attr = name.rpartition(".")
+            old = getattr(gm.get_submodule(mod_name) if mod_name else gm, attr)
+            new = slice_tensor(old.detach() if isinstance(old, torch.nn.Parameter) else old,
+                               node.meta["etp_dims"], r)
+            if new is not old and tuple(new.shape) != tuple(old.shape):
+                _set_attr(gm, name, new)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        rule = lookup(node)
+        if rule is not None and rule.rewrite is not None and _changes(node, r):
+            rule.rewrite(r, node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _changes(node: fx.Node, r: RewriteContext) -> bool:
+    """Only rewrite nodes whose inputs or outputs change width (others stay untouched)."""
+    def any_change(d: Any) -> bool:
+        if isinstance(d, list):
+            return any(r.size(t) != new_size(t, {}) for t in d)
+        if isinstance(d, tuple):
+            return any(any_change(p) for p in d)
+        return False
+    return any_change(node.meta.get("etp_dims")) or any(
+        any_change(a.meta.get("etp_dims")) for a in node.all_input_nodes)
+
+
+class _ShapeCheck(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, r: RewriteContext) -> None:
+        super().__init__(gm)
+        self.r = r
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - re-raised with the node
+            raise RewriteError(f"the rewritten graph fails at {n.format_node()}: "
+                               f"{type(e).__name__}: {e}") from e
+        dims = n.meta.get("etp_dims")
+        if isinstance(out, torch.Tensor) and isinstance(dims, list):
+            want = [self.r.size(t) for t in dims]
+            if list(out.shape) != want:
+                raise RewriteError(f"rewritten node {n.format_node()} has shape "
+                                   f"{list(out.shape)}, but its layout says {want}. This is an "
+                                   f"etp_fx bug: please report it with the model.")
+        return out
+
+
+def check_shapes(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], args: tuple,
+                 kwargs: dict) -> Any:
+    """Run the rewritten module once, checking every node's shape; return its outputs."""
+    flat = _flat_inputs(gm, args, kwargs)
+    return _ShapeCheck(gm, RewriteContext(keep)).run(*flat)
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The flat placeholder values of an exported module for these inputs."""
+    import torch.utils._pytree as pytree
+    spec = gm._in_spec
+    flat, got = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    if got != spec:  # kwargs order may differ: reorder by the exported signature
+        from torch.export._tree_utils import reorder_kwargs
+        flat, _ = pytree.tree_flatten((tuple(args), reorder_kwargs(dict(kwargs), spec)))
+    return flat

@@ -1,0 +1,119 @@
+"""compress(): the oracle on small models, the report, exactness classes and bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import etp_fx
+from oracle import check_oracle
+from test_trace_basic import Residual
+
+
+def perturbed(m):
+    """Non-trivial BatchNorm statistics and biases, so constants really flow."""
+    torch.manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2)
+            mod.bias.data.normal_()
+    return m
+
+
+def test_oracle_residual_cnn():
+    small, g, plan = check_oracle(perturbed(Residual()), torch.randn(2, 3, 8, 8))
+    assert small.meta["etp_report"]["params_after"] < small.meta["etp_report"]["params_before"]
+    assert small.get_parameter("a.weight").shape[0] == 16 - len(plan["a.weight[0]"])
+
+
+def test_constants_are_folded_exactly_including_padded_convs():
+    small, g, plan = check_oracle(perturbed(Residual()), torch.randn(2, 3, 8, 8), keep_constants=True)
+    rep = small.meta["etp_report"]
+    assert rep["folds"], "BatchNorm shifts of removed channels must be folded"
+    assert {v["exactness"] for v in rep["groups"].values()} <= {"exact", "exact-after-folding"}
+    assert "exact-after-folding" in {v["exactness"] for v in rep["groups"].values()}
+
+
+def test_sigmoid_gate_constant_is_folded():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+            return self.out((y * s[:, :, None, None]).mean((2, 3)))
+
+    check_oracle(SE(), torch.randn(2, 3, 5, 5))
+
+
+def test_report_and_user_model_untouched():
+    m = Residual().eval()
+    before = copy.deepcopy(m.state_dict())
+    small = etp_fx.compress(m, torch.randn(1, 3, 8, 8), remove={"a.weight[0]": [0, 3]})
+    rep = small.meta["etp_report"]
+    assert rep["groups"]["a.weight[0]"] == {"old": 16, "new": 14, "exactness": "exact", "removed": [0, 3]}
+    assert rep["macs_after"] < rep["macs_before"]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_flop_counter_agrees_with_predicted_macs():
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 3, 8, 8)
+    small = etp_fx.compress(Residual().eval(), x, remove={"a.weight[0]": [1, 2, 5], "stem.weight[0]": [0]})
+    with FlopCounterMode(display=False) as fc:
+        small(x)
+    assert fc.get_total_flops() == 2 * small.meta["etp_report"]["macs_after"]
+
+
+@pytest.mark.parametrize("plan,match", [
+    ({"nope[0]": [0]}, "no group 'nope"),
+    ({"a.weight[0]": [99]}, "out of range"),
+    ({"a.weight[0]": list(range(16))}, "keep at least one unit"),
+])
+def test_bad_plans(plan, match):
+    with pytest.raises(etp_fx.PlanError, match=match):
+        etp_fx.compress(Residual().eval(), torch.randn(1, 3, 8, 8), remove=plan)
+
+
+def test_model_changed_since_traced():
+    m = Residual().eval()
+    g = etp_fx.trace(m, torch.randn(1, 3, 8, 8))
+    m.a = nn.Conv2d(8, 12, 3, padding=1)
+    m.b = nn.Conv2d(12, 8, 3, padding=1)
+    with pytest.raises(etp_fx.PlanError, match="changed shape"):
+        etp_fx.compress(m, torch.randn(1, 3, 8, 8), remove={"a.weight[0]": [0]}, graph=g)
+
+
+def test_integer_weights_are_refused():
+    m = nn.Linear(4, 4)
+    m.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match="Prune before quantizing"):
+        etp_fx.compress(m, torch.randn(1, 4), remove={})
+
+
+@pytest.mark.parametrize("v", [0, 1.5, -0.1])
+def test_target_macs_out_of_range(v):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        etp_fx.compress(Residual().eval(), torch.randn(1, 3, 8, 8), target_macs=v)
+
+
+def test_training_mode_warns_and_is_kept():
+    m = Residual().train()
+    with pytest.warns(UserWarning, match="eval mode"):
+        small = etp_fx.compress(m, torch.randn(2, 3, 8, 8), remove={"a.weight[0]": [0]})
+    assert m.training
+    assert small.meta["etp_report"]["groups"]["a.weight[0]"]["new"] == 15
+
+
+def test_approximate_groups_need_consent():
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).eval()
+    with pytest.raises(etp_fx.PlanError, match="allow_approximate"):
+        etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]})
+    small = etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]}, allow_approximate=True)
+    assert small.meta["etp_report"]["groups"]["0.weight[0]"]["exactness"] == "approximate"
