@@ -6,7 +6,8 @@ from .trace import trace
 from .zero import zero_units
 from .compress import compress, VerificationError
 from .plan import PlanError
+from .io import LoadError, load, save
 
 __version__ = "0.1.0"
-__all__ = ["trace", "zero_units", "compress", "VerificationError", "PlanError", "DependencyGraph", "ChannelGroup", "Member", "rule", "TraceError",
+__all__ = ["save", "load", "LoadError", "trace", "zero_units", "compress", "VerificationError", "PlanError", "DependencyGraph", "ChannelGroup", "Member", "rule", "TraceError",
            "InputError"]
