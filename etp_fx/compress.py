@@ -120,10 +120,32 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
                         f"allow_approximate=True to accept that")
     if keep_constants is None:
         keep_constants = remove is None
+    try:
+        return _compress_plan(model, graph, plan, args, kw, keep_constants, verify, approximate, rtol)
+    except VerificationError as e:
+        raise VerificationError(f"{e}\n{_culprits(model, graph, plan, args, kw, keep_constants, rtol)}") from None
+
+
+def _compress_plan(model, graph, plan, args, kw, keep_constants, verify, approximate, rtol):
     work = copy.deepcopy(model)
     zero_units(work, graph, plan, keep_constants=keep_constants)
     g2 = trace_args(work, args, kw)
     return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol)
+
+
+def _culprits(model, graph, plan, args, kw, keep_constants, rtol, limit: int = 32) -> str:
+    """Compress each group alone to name the ones that break verification."""
+    bad = []
+    for gid in list(plan)[:limit]:
+        try:
+            _compress_plan(model, graph, {gid: plan[gid]}, args, kw, keep_constants, True, [], rtol)
+        except VerificationError:
+            bad.append(gid)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            bad.append(f"{gid} ({type(e).__name__}: {e})")
+    if not bad:
+        return "Each group alone verifies; the failure comes from removing them together."
+    return "Groups that fail alone: " + ", ".join(bad)
 
 
 def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str, list[int]],
@@ -154,7 +176,7 @@ def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str
                 f"the compressed model differs from the zeroed original by "
                 f"{report['max_abs_diff']:.3g} (output scale {report['output_scale']:.3g}) after "
                 f"removing units of {sorted(plan)[:5]}{'...' if len(plan) > 5 else ''}. This is an "
-                f"etp_fx bug: please report it; compress each group alone to find the culprit.")
+                f"etp_fx bug: please report it.")
     gm.meta["etp_report"] = report
     gm.meta["etp_example_inputs"] = (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), args),
                                      pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), kw))

@@ -117,3 +117,23 @@ def test_approximate_groups_need_consent():
         etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]})
     small = etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]}, allow_approximate=True)
     assert small.meta["etp_report"]["groups"]["0.weight[0]"]["exactness"] == "approximate"
+
+
+def test_verification_failure_names_the_group(monkeypatch):
+    # sabotage the rewrite of one op family so the compressed model is wrong: the error must
+    # say so and name the group, never return the model
+    import sys
+    C = sys.modules["etp_fx.compress"]
+    real = C.apply_folds
+
+    def corrupt(gm, folds, keep):
+        lines = real(gm, folds, keep)
+        if gm.get_parameter("a.bias").shape[0] < 16:  # only when group a.weight[0] shrinks
+            with torch.no_grad():
+                gm.get_parameter("a.bias").add_(1.0)
+        return lines
+
+    monkeypatch.setattr(C, "apply_folds", corrupt)
+    with pytest.raises(etp_fx.VerificationError, match=r"fail alone: a\.weight\[0\]$"):
+        etp_fx.compress(Residual().eval(), torch.randn(1, 3, 8, 8),
+                        remove={"a.weight[0]": [0], "stem.weight[0]": [1]})
