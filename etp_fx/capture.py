@@ -9,6 +9,7 @@ one small vocabulary of ATen ops, so the rule table needs one entry per op inste
 from __future__ import annotations
 
 import contextlib
+import inspect
 import traceback
 from typing import Any, Mapping, Sequence
 
@@ -115,13 +116,28 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown source line>"
 
 
+def batch_dynamic_shapes(fn: Any, args: tuple, kwargs: dict) -> dict:
+    """A ``dynamic_shapes`` spec that lets dim 0 of every tensor input vary (``Dim.AUTO``:
+    export keeps it symbolic where the code allows, and specialises it where it does not)."""
+    import torch.utils._pytree as pytree
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    spec = {}
+    for name, value in bound.arguments.items():
+        spec[name] = pytree.tree_map(
+            lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None,
+            value)
+    return spec
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            *, check_inputs: bool = True) -> fx.GraphModule:
+            *, check_inputs: bool = True, dynamic_batch: bool = False) -> fx.GraphModule:
     """Export ``model`` on the example inputs and return the ATen-level graph module.
 
     Parameters live in the returned module under their original qualified names (as
     ``get_attr`` nodes); every node carries ``meta["val"]``, a fake tensor with its shape.
     The model is left as it was: same parameters, same train/eval mode of every submodule.
+    With ``dynamic_batch``, dim 0 of the inputs stays symbolic (sizes in ``meta`` are the
+    example's).
     """
     kwargs = dict(kwargs or {})
     if not isinstance(model, torch.nn.Module):
@@ -134,7 +150,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         if check_inputs and not on_meta:
             _check_runs(model, args, kwargs)
         try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            dyn = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic_batch else None
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with advice
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "

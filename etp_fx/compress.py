@@ -67,7 +67,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
              target_macs: float | None = None, target_params: float | None = None,
              graph: DependencyGraph | None = None, verify: bool = True,
              keep_constants: bool | None = None, allow_approximate: bool = False,
-             kwargs: Mapping[str, Any] | None = None, rtol: float = 1e-5) -> fx.GraphModule:
+             kwargs: Mapping[str, Any] | None = None, rtol: float = 1e-5,
+             dynamic_batch: bool = True) -> fx.GraphModule:
     """Remove units and return a dense, smaller ``torch.fx.GraphModule``.
 
     The result computes what ``zero_units(copy(model), graph, plan)`` computes (the *zeroed
@@ -96,6 +97,10 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     allow_approximate : bool
         Allow removing units of groups whose removal is approximate (norms over the pruned dim).
         Verification then reports the deviation instead of raising.
+    dynamic_batch : bool
+        Keep dim 0 of the inputs symbolic, so the result accepts any batch size (where the
+        model's code allows; otherwise the example's sizes are kept). A batch of 1 is traced as
+        a batch of 2, since torch.export specialises sizes 0 and 1.
 
     Returns
     -------
@@ -120,25 +125,32 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
                         f"allow_approximate=True to accept that")
     if keep_constants is None:
         keep_constants = remove is None
+    if dynamic_batch:  # export specialises a size of 1: trace a batch of two identical halves
+        args, kw = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, (args, kw))
+    run = (model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol)
     try:
-        return _compress_plan(model, graph, plan, args, kw, keep_constants, verify, approximate, rtol)
+        return _compress_plan(*run, verify, approximate)
     except VerificationError as e:
-        raise VerificationError(f"{e}\n{_culprits(model, graph, plan, args, kw, keep_constants, rtol)}") from None
+        raise VerificationError(f"{e}\n{_culprits(*run)}") from None
 
 
-def _compress_plan(model, graph, plan, args, kw, keep_constants, verify, approximate, rtol):
+def _compress_plan(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol, verify,
+                   approximate):
     work = copy.deepcopy(model)
     zero_units(work, graph, plan, keep_constants=keep_constants)
-    g2 = trace_args(work, args, kw)
+    g2 = trace_args(work, args, kw, dynamic_batch=dynamic_batch)
     return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol)
 
 
-def _culprits(model, graph, plan, args, kw, keep_constants, rtol, limit: int = 32) -> str:
+def _culprits(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol,
+              limit: int = 32) -> str:
     """Compress each group alone to name the ones that break verification."""
     bad = []
     for gid in list(plan)[:limit]:
         try:
-            _compress_plan(model, graph, {gid: plan[gid]}, args, kw, keep_constants, True, [], rtol)
+            _compress_plan(model, graph, {gid: plan[gid]}, args, kw, keep_constants,
+                           dynamic_batch, rtol, True, [])
         except VerificationError:
             bad.append(gid)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
@@ -165,7 +177,7 @@ def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str
     fold_lines = apply_folds(gm, folds, keep)
     with torch.no_grad():
         check_shapes(gm, keep, args, kw)
-    report = _report(g2, plan, widths, gm, fold_lines)
+    report = _report(graph, g2, plan, widths, gm, fold_lines)
     if verify:
         with torch.no_grad():
             got = gm(*args, **kw)
@@ -194,8 +206,9 @@ def _compare(a: Any, b: Any) -> tuple[float, float]:
     return diff, scale
 
 
-def _report(g2: DependencyGraph, plan, widths, gm: fx.GraphModule, fold_lines) -> dict:
-    cm = g2.cost
+def _report(graph: DependencyGraph, g2: DependencyGraph, plan, widths, gm: fx.GraphModule,
+            fold_lines) -> dict:
+    cm = graph.cost  # the user's trace: MACs at the user's batch size
     counted = sum(p.numel() for n, p in gm.named_parameters())
     predicted = cm.params(widths)
     # folds may add a bias where there was none: those parameters are counted separately

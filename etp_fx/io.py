@@ -43,7 +43,9 @@ def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
     else:
         from .capture import normalize_inputs
         args, kwargs = normalize_inputs(example_inputs)
-    ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    from .capture import batch_dynamic_shapes
+    dyn = batch_dynamic_shapes(model.forward, tuple(args), dict(kwargs))
+    ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dyn, strict=False)
     extra = {_REPORT: json.dumps(meta.get("etp_report", {}), default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(path), extra_files=extra)

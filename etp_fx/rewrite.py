@@ -34,6 +34,18 @@ class RewriteContext:
     def shape(self, node: fx.Node) -> list[int]:
         return [self.size(t) for t in node.meta["etp_dims"]]
 
+    def resize(self, node: fx.Node, old: Sequence[Any], first_dim: int = 0) -> list[Any]:
+        """A size argument ``old`` describing dims ``first_dim..`` of ``node``'s output, with
+        the entries of dims whose width changes replaced; other entries (``-1``, symbolic batch
+        sizes) are kept as they are."""
+        dims = node.meta["etp_dims"]
+        out = list(old)
+        for i in range(len(out)):
+            t = dims[first_dim + i]
+            if self.size(t) != new_size(t, {}):
+                out[i] = self.size(t)
+        return out
+
     def indices(self, t: Term) -> list[int] | None:
         """Kept indices of a dim, or None when the dim keeps everything."""
         idx = kept_indices(t, self.keep)

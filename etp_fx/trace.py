@@ -46,6 +46,8 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
     return trace_args(model, args, kw)
 
 
-def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict) -> DependencyGraph:
+def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
+               dynamic_batch: bool = False) -> DependencyGraph:
     """:func:`trace` on already normalised positional and keyword inputs."""
-    return build_graph(capture(model, args, kwargs), signature_of(model))
+    return build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch),
+                       signature_of(model))

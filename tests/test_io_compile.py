@@ -28,6 +28,15 @@ def test_torch_compile_fullgraph_matches(small):
         assert torch.allclose(compiled(x), gm(x), atol=1e-5)
 
 
+def test_any_batch_size_is_accepted(small):
+    gm, x = small
+    m = Residual().eval()
+    torch.manual_seed(1)
+    for b in (1, 5):
+        xb = torch.randn(b, 3, 8, 8)
+        assert gm(xb).shape == (b, 5)
+
+
 def test_torch_export_works(small):
     gm, x = small
     ep = torch.export.export(gm, (x,), strict=False)
@@ -41,7 +50,8 @@ def test_pt2_round_trip_in_a_fresh_process(small, tmp_path):
     torch.save(gm(x).detach(), tmp_path / "y.pt")
     # the fresh process has neither the test module nor the model class on its path
     code = ("import torch, etp_fx; m = etp_fx.load(%r); x = torch.load(%r); y = torch.load(%r);"
-            "assert torch.allclose(m(x), y, atol=1e-6); print(m.meta['etp_report']['params_after'])"
+            "assert torch.allclose(m(x), y, atol=1e-6); assert m(x[:1]).shape[0] == 1;"
+            "print(m.meta['etp_report']['params_after'])"
             % (str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}, timeout=300)

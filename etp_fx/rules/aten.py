@@ -498,14 +498,11 @@ for _k, _names in ((1, ("adaptive_avg_pool1d", "avg_pool1d", "max_pool1d", "adap
 # --- shape ops ---------------------------------------------------------------------------------
 
 def _sizes_rewrite(index: int, name: str):
-    """Make a size-list argument equal to the node's new output shape."""
+    """A size-list argument: entries of dims whose width changes get the new width; symbolic
+    (dynamic batch) and -1 entries of other dims stay as they are."""
     def rw(r: Any, node: fx.Node) -> None:
-        args = list(node.args)
-        if len(args) > index:
-            args[index] = list(r.shape(node))
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, name: list(r.shape(node))}
+        old = node.args[index] if len(node.args) > index else node.kwargs[name]
+        set_arg(node, index, r.resize(node, old))
     return rw
 
 
@@ -523,11 +520,8 @@ for _names, _rw in (
 
 
 def _unflatten_rewrite(r: Any, node: fx.Node) -> None:
-    d = _dim(int(node.args[1]), len(r.shape(node.args[0])))
-    n = len(node.args[2])
-    args = list(node.args)
-    args[2] = list(r.shape(node)[d:d + n])
-    node.args = tuple(args)
+    d = _dim(int(node.args[1]), len(node.args[0].meta["etp_dims"]))
+    set_arg(node, 2, r.resize(node, node.args[2], first_dim=d))
 
 
 rule(*aten_ops("unflatten"), rewrite=_unflatten_rewrite)(_reshape)
@@ -641,11 +635,14 @@ def select(ctx: RuleContext, node: fx.Node) -> None:
 
 
 def _slice_rewrite(r: Any, node: fx.Node) -> None:
+    """New start/end from the new widths of the parts before and inside the slice; a slice
+    whose dim keeps its width (e.g. ``x[:B]`` over a dynamic batch) is left alone."""
     pre, mid = node.meta["etp_rule_data"]["pre"], node.meta["etp_rule_data"]["mid"]
+    if r.size(mid) == size_of(mid) and (pre is None or r.size(pre) == size_of(pre)):
+        return
     start = r.size(pre) if pre is not None else 0
-    args = list(node.args) + [None] * (4 - len(node.args))
-    args[2], args[3] = start, start + r.size(mid)
-    node.args = tuple(args[:4]) + tuple(node.args[4:])
+    set_arg(node, 2, start)
+    set_arg(node, 3, start + r.size(mid))
 
 
 @rule(*aten_ops("slice"), rewrite=_slice_rewrite)
@@ -669,16 +666,156 @@ def slice_(ctx: RuleContext, node: fx.Node) -> None:
     node.meta["etp_rule_data"] = {"pre": pre, "mid": y[d]}
 
 
-@rule(*aten_ops("index_select", "gather", "index", "take_along_dim", "scatter", "scatter_add",
-                "scatter_reduce", "index_put", "index_add", "index_copy", "masked_select",
-                "roll", "flip", inplace=True))
+@rule(*aten_ops("take_along_dim", "masked_select", inplace=True))
 def indexing(ctx: RuleContext, node: fx.Node) -> None:
     # data-dependent addressing: every dim of the data input and the output is frozen
-    # (a later refinement can pass through the dims that are not indexed)
     ts = [ctx.dims(a) for a in node.args if ctx.dims(a) is not None]
     out = ctx.out()
     outs = list(out) if isinstance(out, tuple) else [out]
     ctx.freeze([t for d in ts + outs if d for t in d], f"{_name(node)} addresses elements by index")
+
+
+def _pass_dims(ctx: RuleContext, a: Any, b: Any, pairs: list[tuple[int, int]], why: str) -> None:
+    """a[i] ~ b[j] for each pair whose sizes agree; a pair that differs is frozen."""
+    ad, bd, ash, bsh = ctx.dims(a), ctx.dims(b), ctx.shape(a), ctx.shape(b)
+    for i, j in pairs:
+        if ash[i] == bsh[j]:
+            ctx.same(ad[i], bd[j])
+        else:
+            ctx.freeze([ad[i], bd[j]], why)
+
+
+@rule(*aten_ops("index_select"))
+def index_select(ctx: RuleContext, node: fx.Node) -> None:
+    # y = x.index_select(d, idx): x[d] is addressed by value (frozen), y[d] ~ idx[0], others ~
+    x, idx = node.args[0], node.args[2]
+    xd, y = ctx.dims(x), ctx.out()
+    d = _dim(int(node.args[1]), len(xd))
+    ctx.freeze([xd[d]], "index_select addresses this dim by index")
+    ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(y) if i != d])
+    if ctx.dims(idx):
+        ctx.same(ctx.dims(idx)[0], y[d])
+
+
+@rule(*aten_ops("gather"))
+def gather(ctx: RuleContext, node: fx.Node) -> None:
+    # y[..j..] = x[..idx[..j..]..] along d: y ~ idx; y[i] ~ x[i] (i != d) where sizes agree
+    x, idx = node.args[0], node.args[2]
+    xd, y = ctx.dims(x), ctx.out()
+    d = _dim(int(node.args[1]), len(xd))
+    ctx.freeze([xd[d]], "gather addresses this dim by index")
+    ctx.same_all(ctx.dims(idx), y)
+    _pass_dims(ctx, x, node, [(i, i) for i in range(len(xd)) if i != d],
+               "gather reads a prefix of this dim")
+
+
+@rule(*aten_ops("scatter", "scatter_add", "scatter_reduce", inplace=True))
+def scatter(ctx: RuleContext, node: fx.Node) -> None:
+    # y = self with src[..j..] written (or reduced) at idx[..j..] along d: y ~ self;
+    # src[i] ~ idx[i] ~ self[i] (i != d) where sizes agree; self[d] is addressed by value
+    s, idx = node.args[0], node.args[2]
+    src = node.args[3] if len(node.args) > 3 and isinstance(node.args[3], fx.Node) else None
+    sd, y = ctx.dims(s), ctx.out()
+    d = _dim(int(node.args[1]), len(sd))
+    ctx.same_all(sd, y)
+    ctx.freeze([sd[d]], f"{_name(node)} addresses this dim by index")
+    why = f"{_name(node)} writes a prefix of this dim"
+    for t in (idx, src):
+        if ctx.dims(t) is not None:
+            _pass_dims(ctx, t, s, [(i, i) for i in range(len(sd)) if i != d], why)
+    if src is not None and ctx.dims(idx) is not None:
+        _pass_dims(ctx, idx, src, [(d, d)], why)
+
+
+@rule(*aten_ops("index_add", "index_copy", inplace=True))
+def index_add(ctx: RuleContext, node: fx.Node) -> None:
+    # y = self with source rows added (copied) at idx along d: y ~ self; source[i] ~ self[i]
+    # (i != d); source[d] ~ idx[0]; self[d] is addressed by value
+    s, idx, src = node.args[0], node.args[2], node.args[3]
+    sd, y = ctx.dims(s), ctx.out()
+    d = _dim(int(node.args[1]), len(sd))
+    ctx.same_all(sd, y)
+    ctx.freeze([sd[d]], f"{_name(node)} addresses this dim by index")
+    _pass_dims(ctx, src, s, [(i, i) for i in range(len(sd)) if i != d and ctx.dims(src)
+                             and len(ctx.dims(src)) == len(sd)], f"{_name(node)} source")
+    if ctx.dims(idx) and ctx.dims(src) and len(ctx.dims(src)) == len(sd):
+        _pass_dims(ctx, idx, src, [(0, d)], f"{_name(node)} index")
+
+
+def _advanced_index(ctx: RuleContext, x: Any, indices: list) -> tuple[list[int], list] | None:
+    """For ``x[indices]`` (None = a full slice): the indexed dims of x, and for each dim of
+    the result either the x dim it keeps (an int) or None (a dim of the broadcast indices).
+    None when a bool mask is among the indices (it stands for several dims)."""
+    n = len(ctx.dims(x))
+    pos = [i for i, t in enumerate(indices) if t is not None]
+    for i in pos:
+        v = indices[i].meta.get("val") if isinstance(indices[i], fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.dtype in (torch.bool, torch.uint8):
+            return None
+    nb = max((len(ctx.shape(indices[i])) for i in pos), default=0)
+    rest = [i for i in range(n) if i not in pos]
+    if pos and pos == list(range(pos[0], pos[-1] + 1)):  # one block: it stays in place
+        layout = [i for i in rest if i < pos[0]] + [None] * nb + [i for i in rest if i > pos[-1]]
+    else:  # separated: the broadcast dims go first
+        layout = [None] * nb + rest
+    return pos, layout
+
+
+@rule(*aten_ops("index"))
+def index(ctx: RuleContext, node: fx.Node) -> None:
+    # y = x[..., idx, ...]: indexed dims of x are addressed by value (frozen); the dims of x
+    # that are not indexed pass through to their place in y; the broadcast index dims are new
+    x, indices = node.args[0], list(node.args[1])
+    xd, y = ctx.dims(x), ctx.out()
+    got = _advanced_index(ctx, x, indices)
+    if got is None:
+        ctx.freeze(xd + y, "boolean mask indexing")
+        return
+    pos, layout = got
+    ctx.freeze([xd[i] for i in pos], "index addresses this dim by index")
+    for j, i in enumerate(layout):
+        if i is None:
+            ctx.freeze([y[j]], "dim of the index tensors")
+        else:
+            ctx.same(xd[i], y[j])
+
+
+@rule(*aten_ops("index_put", inplace=True))
+def index_put(ctx: RuleContext, node: fx.Node) -> None:
+    # y = self with values written at self[indices]: y ~ self; values broadcast onto the
+    # indexed view, so values[-k] ~ the self dim that view keeps there (aligned right)
+    s, indices, vals = node.args[0], list(node.args[1]), node.args[2]
+    sd, y = ctx.dims(s), ctx.out()
+    ctx.same_all(sd, y)
+    got = _advanced_index(ctx, s, indices)
+    vd = ctx.dims(vals)
+    if got is None:
+        ctx.freeze(sd + (vd or []), "boolean mask index_put")
+        return
+    pos, layout = got
+    ctx.freeze([sd[i] for i in pos], "index_put addresses this dim by index")
+    if vd is None:
+        return
+    vs, ss = ctx.shape(vals), ctx.shape(s)
+    for k in range(1, len(vd) + 1):
+        i = layout[-k] if k <= len(layout) else None
+        if i is not None and vs[-k] == ss[i]:
+            ctx.same(vd[-k], sd[i])
+        elif vs[-k] != 1:
+            ctx.freeze([vd[-k]], "index_put values over the indexed dims")
+
+
+@rule(*aten_ops("roll", "flip"))
+def roll(ctx: RuleContext, node: fx.Node) -> None:
+    # roll/flip along some dims: those dims are reordered (frozen); the others ~
+    xd, y = ctx.dims(node.args[0]), ctx.out()
+    name = _name(node)
+    dims = ctx.arg(2, "dims", None) if name == "roll" else ctx.arg(1, "dims", None)
+    dims = [] if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    moved = _dimlist(dims, len(xd)) if dims else list(range(len(xd)))  # roll without dims: flat
+    ctx.freeze([xd[i] for i in moved] + [y[i] for i in moved], f"{name} reorders this dim")
+    ctx.same_all([t for i, t in enumerate(xd) if i not in moved],
+                 [t for i, t in enumerate(y) if i not in moved])
 
 
 def _pad_rewrite(r: Any, node: fx.Node) -> None:
@@ -702,9 +839,13 @@ def pad(ctx: RuleContext, node: fx.Node) -> None:
 
 # --- sources: tensors made inside the graph ----------------------------------------------------
 
+def _factory_rewrite(r: Any, node: fx.Node) -> None:
+    i = 1 if _name(node).startswith("new_") else 0
+    set_arg(node, i, r.resize(node, node.args[i]))
+
+
 @rule(*aten_ops("zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones",
-                "new_empty", "new_full", "scalar_tensor"),
-      rewrite=None)
+                "new_empty", "new_full", "scalar_tensor"), rewrite=_factory_rewrite)
 def factory(ctx: RuleContext, node: fx.Node) -> None:
     # a constant made in the graph: its dims are new axes (free to follow their consumers)
     pass
@@ -714,17 +855,3 @@ def factory(ctx: RuleContext, node: fx.Node) -> None:
 def arange(ctx: RuleContext, node: fx.Node) -> None:
     # values depend on the length: frozen
     ctx.freeze(ctx.out(), f"{_name(node)} values depend on its length")
-
-
-def _factory_rewrite(r: Any, node: fx.Node) -> None:
-    name = _name(node)
-    i = 1 if name.startswith("new_") else 0
-    args = list(node.args)
-    args[i] = list(r.shape(node))
-    node.args = tuple(args)
-
-
-for _op in aten_ops("zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones",
-                    "new_empty", "new_full"):
-    from .table import RULES as _R
-    _R[_op].rewrite = _factory_rewrite
