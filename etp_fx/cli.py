@@ -160,6 +160,135 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- demo --------------------------------------------------------------------------------------
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo import DemoConfig
+    d = DemoConfig()
+    p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--strength", type=float, default=d.strength,
+                   help=f"ETP strength, normalised per group at initialisation (default {d.strength})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"remove units whose norm is below this share of their group's largest (default {d.threshold})")
+    p.add_argument("--target-macs", type=float, default=None, metavar="SHARE",
+                   help="instead of the threshold: keep this share of the MACs, e.g. 0.25")
+    p.add_argument("--out", default=d.out, help=f"output folder (default ./{d.out})")
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed)
+
+
+@subcommand("demo", help="train a small CNN on bundled digits with ETP, compress it, show the result",
+            arguments=_demo_arguments,
+            description="The main job on its embedded default: trains a small VGG-style CNN on "
+                        "scikit-learn's bundled digits with the ETP regulariser (offline, about a "
+                        "minute on 2 CPUs), compresses it into a dense smaller torch.fx graph, "
+                        "prints params, MACs, test accuracy and CPU latency before and after, "
+                        "writes model.pt2, norms.png, groups.svg/html and report.json, and "
+                        "reloads model.pt2 in a fresh process.")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+    if args.target_macs is not None and not 0 < args.target_macs <= 1:
+        raise CLIError(f"--target-macs is a share of the MACs to keep, in (0, 1]; got {args.target_macs}")
+    if args.epochs < 1:
+        raise CLIError("--epochs must be at least 1")
+    cfg = DemoConfig(epochs=args.epochs, strength=args.strength, threshold=args.threshold,
+                     target_macs=args.target_macs, out=args.out, seed=args.seed)
+    run_demo(cfg)
+    return 0
+
+
+# --- compress ----------------------------------------------------------------------------------
+
+def _compress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=SPEC_HELP + "; or a .pt2 file written by etp_fx")
+    p.add_argument("--weights", metavar="FILE", help="a state dict (torch.save) to load into the model spec")
+    p.add_argument("--input-shape", metavar="SHAPE", default=None, help="input shape, e.g. 1,3,224,224")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", type=float, metavar="SHARE", help="keep this share of the MACs, in (0, 1]")
+    target.add_argument("--target-params", type=float, metavar="SHARE", help="keep this share of the parameters")
+    target.add_argument("--ratio", type=float, help="remove this share of the units of every group, in [0, 1)")
+    target.add_argument("--threshold", type=float, help="remove units whose norm is at most this")
+    p.add_argument("--relative", action="store_true", help="--threshold is relative to each group's largest unit")
+    p.add_argument("--round-to", type=_nonneg_int, default=None, metavar="N", help="keep widths multiple of N where possible")
+    p.add_argument("--allow-approximate", action="store_true", help="also prune groups whose removal is approximate")
+    p.add_argument("--out", "-o", required=True, help="where to write the compressed .pt2 (a .json report goes beside it)")
+
+
+@subcommand("compress", help="compress a model to a target and write a .pt2 with a report",
+            arguments=_compress_arguments,
+            description="Select units by norm (magnitude of the current weights) to meet a "
+                        "target, remove them, verify the result against the zeroed original and "
+                        "write the dense smaller model as .pt2 plus a JSON report. For a model "
+                        "trained with ETP, most removed units are already zero.")
+def cmd_compress(args: argparse.Namespace) -> int:
+    import etp_fx
+    import torch
+    from .models import load_spec
+    _check_writable(args.out, ".pt2 file")
+    if args.model.endswith(".pt2"):
+        if args.input_shape is None:
+            raise CLIError("give --input-shape for a .pt2 model")
+        from .models import _shape
+        model = etp_fx.load(args.model)
+        inputs = torch.randn(*_shape(args.input_shape, ()))
+    else:
+        model, inputs = load_spec(args.model, args.input_shape)
+        model.eval()
+    if args.weights:
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CLIError(f"--weights {args.weights!r}: no such file") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to fix
+            raise CLIError(f"--weights {args.weights!r} is not a readable state dict: {e}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CLIError(f"--weights {args.weights!r} does not fit {args.model}: {str(e).splitlines()[0]}") from None
+    for name in ("target_macs", "target_params"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1:
+            raise CLIError(f"--{name.replace('_', '-')} must lie in (0, 1]; got {v}")
+    options = {k: v for k, v in (("relative", args.relative if args.threshold is not None else None),
+                                 ("round_to", args.round_to)) if v}
+    small = etp_fx.compress(model, inputs, target_macs=args.target_macs,
+                            target_params=args.target_params, ratio=args.ratio,
+                            threshold=args.threshold, allow_approximate=args.allow_approximate,
+                            select_options=options)
+    rep = small.meta["etp_report"]
+    _write(args.out, ".pt2 file", lambda p: etp_fx.save(small, p))
+    report_path = os.path.splitext(args.out)[0] + ".json"
+    _write(report_path, "report", lambda p: open(p, "w").write(json.dumps(rep, indent=1, default=str)))
+    print(f"params {rep['params_before']:,} -> {rep['params_after']:,}; "
+          f"MACs {rep['macs_before']:,} -> {rep['macs_after']:,} "
+          f"({rep['macs_before'] / max(rep['macs_after'], 1):.2f}x fewer); "
+          f"{len(rep['groups'])} groups changed; verified max |diff| {rep.get('max_abs_diff', 0):.2g}")
+    return 0
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+BENCHMARKS = ("zoo_sweep", "trace_speed", "compress_speed", "latency", "regulariser_overhead", "quality")
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark (each writes its results to docs/)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark, e.g. --quick")
+
+
+@subcommand("bench", help="run one of the benchmarks in benchmarks/ (from a clone of the repository)",
+            arguments=_bench_arguments)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+    root = os.getcwd()
+    if not os.path.isfile(os.path.join(root, "benchmarks", f"{args.name}.py")):
+        raise CLIError(f"benchmarks/{args.name}.py not found under {root}: run etp-fx bench from a "
+                       f"clone of the etp_fx repository")
+    sys.path.insert(0, root)
+    sys.argv = [f"benchmarks.{args.name}", *args.rest]
+    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+    return 0
+
+
 # --- main --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -372,3 +372,29 @@ def test_large_models_draw(name, n_groups, tmp_path):
     # readable: the picture grows down, not across
     assert float(root.get("width")) < 1600
     write_html(g, tmp_path / f"{name}.html")
+
+
+def test_cli_compress_writes_pt2_and_report(tmp_path, capsys):
+    from etp_fx.cli import main
+    out = tmp_path / "small.pt2"
+    assert main(["compress", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                 "--target-macs", "0.5", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "small.json").read_text())
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    import etp_fx
+    m = etp_fx.load(out)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["compress", "torchvision:resnet18", "--target-macs", "2", "-o", "x.pt2"], "(0, 1]"),
+    (["compress", "torchvision:resnet18", "--ratio", "0.5", "--weights", "/nope.pt", "-o", "x.pt2"], "no such file"),
+    (["demo", "--target-macs", "0"], "(0, 1]"),
+    (["bench", "zoo_sweep"], None),
+])
+def test_cli_new_subcommand_errors(argv, msg, capsys, tmp_path, monkeypatch):
+    from etp_fx.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and (msg is None or msg in err)
