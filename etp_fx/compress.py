@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 
 from .capture import normalize_inputs
 from .depgraph import DependencyGraph
-from .fold import apply_folds, plan_folds
+from .fold import FoldError, apply_folds, plan_folds
 from .plan import PlanError, check_model_matches, check_plan, kept_units
 from .rewrite import _flat_inputs, check_shapes, rewrite_module
 from .trace import trace_args
@@ -35,7 +35,8 @@ def _check_weights(model: torch.nn.Module) -> None:
 
 
 def _select(graph: DependencyGraph, model: torch.nn.Module, remove, threshold, ratio,
-            target_macs, target_params, allow_approximate: bool) -> dict[str, list[int]]:
+            target_macs, target_params, allow_approximate: bool,
+            options: Mapping[str, Any]) -> dict[str, list[int]]:
     given = [k for k, v in dict(remove=remove, threshold=threshold, ratio=ratio,
                                   target_macs=target_macs, target_params=target_params).items()
              if v is not None]
@@ -52,13 +53,14 @@ def _select(graph: DependencyGraph, model: torch.nn.Module, remove, threshold, r
     if remove is not None:
         return check_plan(graph, remove)
     from . import select  # the selection strategies live in select.py
+    kw = {"allow_approximate": allow_approximate, **options}
     if threshold is not None:
-        return select.by_threshold(graph, model, threshold, allow_approximate=allow_approximate)
+        return select.by_threshold(graph, model, threshold, **kw)
     if ratio is not None:
-        return select.by_ratio(graph, model, ratio, allow_approximate=allow_approximate)
+        return select.by_ratio(graph, model, ratio, **kw)
     if target_macs is not None:
-        return select.by_budget(graph, model, macs=target_macs, allow_approximate=allow_approximate)
-    return select.by_budget(graph, model, params=target_params, allow_approximate=allow_approximate)
+        return select.by_budget(graph, model, macs=target_macs, **kw)
+    return select.by_budget(graph, model, params=target_params, **kw)
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, *,
@@ -68,7 +70,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
              graph: DependencyGraph | None = None, verify: bool = True,
              keep_constants: bool | None = None, allow_approximate: bool = False,
              kwargs: Mapping[str, Any] | None = None, rtol: float = 1e-5,
-             dynamic_batch: bool = True) -> fx.GraphModule:
+             dynamic_batch: bool = True,
+             select_options: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """Remove units and return a dense, smaller ``torch.fx.GraphModule``.
 
     The result computes what ``zero_units(copy(model), graph, plan)`` computes (the *zeroed
@@ -97,6 +100,10 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     allow_approximate : bool
         Allow removing units of groups whose removal is approximate (norms over the pruned dim).
         Verification then reports the deviation instead of raising.
+    select_options : dict, optional
+        Passed to the selection (:mod:`etp_fx.select`), e.g. ``{"relative": True}`` for a
+        threshold relative to each group's largest unit, ``{"round_to": 8}``, ``{"scope":
+        "global"}``.
     dynamic_batch : bool
         Keep dim 0 of the inputs symbolic, so the result accepts any batch size (where the
         model's code allows; otherwise the example's sizes are kept). A batch of 1 is traced as
@@ -117,7 +124,7 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     graph = graph if graph is not None else trace_args(model, args, kw)
     check_model_matches(graph, model)
     plan = _select(graph, model, remove, threshold, ratio, target_macs, target_params,
-                   allow_approximate)
+                   allow_approximate, dict(select_options or {}))
     approximate = [gid for gid in plan if not graph[gid].exact]
     if approximate and not allow_approximate:
         raise PlanError(f"removing units of {approximate[:3]} is approximate "
@@ -132,7 +139,21 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     try:
         return _compress_plan(*run, verify, approximate)
     except VerificationError as e:
+        if keep_constants and _verifies_zeroed_whole(*run):
+            raise FoldError(
+                f"the removed units carry constants (kept biases or norm shifts) into ops "
+                f"etp_fx cannot fold them into (for example an einsum or a matmul between "
+                f"activations), so removing them would change the result ({e}). Zero the units "
+                f"whole (keep_constants=False), or train their biases to zero first.") from None
         raise VerificationError(f"{e}\n{_culprits(*run)}") from None
+
+
+def _verifies_zeroed_whole(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol) -> bool:
+    try:
+        _compress_plan(model, graph, plan, args, kw, False, dynamic_batch, rtol, True, [])
+        return True
+    except VerificationError:
+        return False
 
 
 def _compress_plan(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol, verify,

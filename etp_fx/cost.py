@@ -36,13 +36,17 @@ class CostModel:
         self.symbols = {g.uid: sympy.Symbol(g.id, positive=True, integer=True) for g in graph.groups}
         self.by_id = {g.id: self.symbols[g.uid] for g in graph.groups}
         gm: fx.GraphModule = graph.module
-        seen: set[str] = set()
+        # each parameter tensor once, however many names (ties) or get_attr nodes reach it
+        from .depgraph import attr_tensor
+        seen: set[int] = set()
         params = sympy.Integer(0)
         for node in gm.graph.nodes:
             name = str(node.target)
-            if node.op == "get_attr" and name in graph.param_names and name not in seen:
-                seen.add(name)
-                params += self.numel(node)
+            if node.op == "get_attr" and name in graph.param_names:
+                key = id(attr_tensor(gm, name))
+                if key not in seen:
+                    seen.add(key)
+                    params += self.numel(node)
         macs = sympy.Integer(0)
         for node in gm.graph.nodes:
             r = lookup(node) if node.op == "call_function" else None

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
-from .layout import Axis, Prod, Term, freeze, leaves, resolve
+from .layout import Axis, Prod, Term, freeze, leaves, resolve, unify
 from .rules.table import RuleContext, lookup
 
 __all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
@@ -161,6 +161,7 @@ def build_graph(gm: fx.GraphModule, signature: tuple = ()) -> DependencyGraph:
     def dims_of(n: fx.Node) -> Any:
         return n.meta.get("etp_dims")
 
+    _couple_aliases(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             freeze(_all_terms(dims_of(node)), f"model input {node.name}")
@@ -171,10 +172,30 @@ def build_graph(gm: fx.GraphModule, signature: tuple = ()) -> DependencyGraph:
             _apply_rule(node, dims_of, roles, barriers)
         elif node.op == "call_module" and dims_of(node) is not None:
             _barrier(node, dims_of, barriers, "a submodule call etp_fx cannot see into")
-    params = frozenset(n for n, _ in gm.named_parameters())
-    buffers = frozenset(n for n, _ in gm.named_buffers())
+    params = frozenset(n for n, _ in gm.named_parameters(remove_duplicate=False))
+    buffers = frozenset(n for n, _ in gm.named_buffers(remove_duplicate=False))
     groups, frozen = _collect_groups(gm, roles, params, buffers)
     return DependencyGraph(gm, groups, barriers, frozen, params, signature)
+
+
+def attr_tensor(gm: fx.GraphModule, name: str) -> object:
+    mod, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(mod) if mod else gm, attr)
+
+
+def _couple_aliases(gm: fx.GraphModule) -> None:
+    """One tensor reached under two names (tied weights, a module registered twice) is one
+    set of units: the dims of its get_attr nodes are unified."""
+    first: dict[int, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not isinstance(node.meta.get("etp_dims"), list):
+            continue
+        key = id(attr_tensor(gm, str(node.target)))
+        if key in first:
+            for a, b in zip(first[key].meta["etp_dims"], node.meta["etp_dims"]):
+                unify(a, b)
+        else:
+            first[key] = node
 
 
 def _apply_rule(node: fx.Node, dims_of, roles, barriers) -> None:

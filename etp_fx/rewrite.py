@@ -67,7 +67,8 @@ def _set_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     mod = gm.get_submodule(mod_name) if mod_name else gm
     old = getattr(mod, attr)
     if isinstance(old, torch.nn.Parameter):
-        value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
         if attr in mod._parameters:
             mod._parameters[attr] = value
             return
@@ -77,22 +78,36 @@ def _set_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
         setattr(mod, attr, value)
 
 
+def _attr(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    mod, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(mod) if mod else gm, attr)
+
+
 def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.GraphModule:
     """Slice parameters and fix shape arguments of ``gm`` in place, then recompile."""
     r = RewriteContext(keep)
-    done: set[str] = set()
+    aliases: dict[int, list[str]] = {}  # one tensor under several names (tied weights)
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
+            list(gm.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(t), []).append(name)
+    done: set[int] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr" and isinstance(node.meta.get("etp_dims"), list):
             name = str(node.target)
-            if name in done:
-                continue
-            done.add(name)
             mod_name, _, attr = name.rpartition(".")
             old = getattr(gm.get_submodule(mod_name) if mod_name else gm, attr)
+            if id(old) in done:
+                continue
+            done.add(id(old))
             new = slice_tensor(old.detach() if isinstance(old, torch.nn.Parameter) else old,
                                node.meta["etp_dims"], r)
             if new is not old and tuple(new.shape) != tuple(old.shape):
-                _set_attr(gm, name, new)
+                names = aliases.get(id(old), [name])
+                shared = None
+                for n in names:  # every alias gets the same new tensor, so the tie survives
+                    _set_attr(gm, n, new if shared is None else shared)
+                    if shared is None:
+                        shared = _attr(gm, n)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

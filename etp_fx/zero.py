@@ -72,7 +72,7 @@ def zero_units(model: torch.nn.Module, graph: DependencyGraph,
     """
     check_model_matches(graph, model)
     plan = check_plan(graph, remove)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     with torch.no_grad():
         for name, dim, idx in zeroed_slices(graph, plan, keep_constants, params):
             params[name].index_fill_(dim, idx, 0.0)

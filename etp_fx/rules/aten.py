@@ -58,7 +58,7 @@ ELEMENTWISE = aten_ops(
     "bitwise_and", "bitwise_or", "__and__", "__or__", "zeros_like", "ones_like", "empty_like",
     "full_like", "rand_like", "randn_like", "fill", "copy", "lerp", "addcmul", "addcdiv",
     "floor", "ceil", "round", "trunc", "isnan", "isinf", "nan_to_num", "logit", "floor_divide",
-    "remainder", "fmod", "sgn", "tril", "triu", "_assert_tensor_metadata",
+    "remainder", "fmod", "sgn", "tril", "triu", "_assert_tensor_metadata", "zero",
     inplace=True,
 )
 
@@ -68,6 +68,18 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> None:
     # out[-k] ~ x[-k] for every non-broadcast input dim (numpy broadcasting, aligned right)
     if ctx.out() is not None:
         broadcast(ctx, node)
+
+
+@rule(*aten_ops("prelu", "_prelu_kernel"))
+def prelu(ctx: RuleContext, node: fx.Node) -> None:
+    # y = max(0, x) + w[c] * min(0, x): y ~ x; w[0] ~ x[1], the channel dim (x[0] for 1-D x),
+    # not the last dim as numpy broadcasting would align it
+    x, w = node.args[0], node.args[1]
+    xd, wd = ctx.dims(x), ctx.dims(w)
+    ctx.same_all(xd, ctx.out())
+    if wd and ctx.shape(w)[0] > 1:
+        ctx.same(wd[0], xd[1 if len(xd) >= 2 else 0])
+        ctx.role(w, 0, "affine")
 
 
 # --- contractions: the ops that own weights ----------------------------------------------------
@@ -489,7 +501,7 @@ for _k, _names in ((1, ("adaptive_avg_pool1d", "avg_pool1d", "max_pool1d", "adap
                         "upsample_nearest1d", "upsample_linear1d")),
                    (2, ("adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d",
                         "max_pool2d_with_indices", "upsample_nearest2d", "upsample_bilinear2d",
-                        "upsample_bicubic2d", "pixel_shuffle_", "_adaptive_avg_pool2d")),
+                        "upsample_bicubic2d", "_adaptive_avg_pool2d")),
                    (3, ("adaptive_avg_pool3d", "avg_pool3d", "max_pool3d", "upsample_nearest3d",
                         "upsample_trilinear3d"))):
     rule(*aten_ops(*_names))(lambda ctx, node, _k=_k: _spatial(ctx, node, _k))
@@ -506,10 +518,44 @@ def _sizes_rewrite(index: int, name: str):
     return rw
 
 
+def _reshape_segments(xs: tuple, ys: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Cut a reshape at every place where the running products of both shapes agree: each
+    segment maps a run of input dims onto a run of output dims (None: a zero-size dim)."""
+    if 0 in xs or 0 in ys:
+        return None
+    segs, i, j = [], 0, 0
+    while i < len(xs) or j < len(ys):
+        si, sj, pi, pj = [], [], 1, 1
+        if i < len(xs):
+            si, pi, i = [i], xs[i], i + 1
+        if j < len(ys):
+            sj, pj, j = [j], ys[j], j + 1
+        while pi != pj:
+            if pi < pj and i < len(xs):
+                si.append(i)
+                pi, i = pi * xs[i], i + 1
+            elif pj < pi and j < len(ys):
+                sj.append(j)
+                pj, j = pj * ys[j], j + 1
+            else:
+                return None
+        segs.append((si, sj))
+    return segs
+
+
 def _reshape(ctx: RuleContext, node: fx.Node) -> None:
-    # Prod(x dims) ~ Prod(y dims): factors are aligned left to right, splitting where needed
+    # Prod(x dims) ~ Prod(y dims): factors are aligned left to right, splitting where needed.
+    # Unified segment by segment (cut where the running products agree), so that a conflict in
+    # one run of dims (e.g. spatial windows regrouped 2x7 -> 7x2) does not freeze the others.
     xd, y = ctx.dims(node.args[0]), ctx.out()
-    ctx.same(Prod(tuple(xd)), Prod(tuple(y)))
+    segs = _reshape_segments(ctx.shape(node.args[0]), ctx.shape(node))
+    if segs is None:
+        ctx.same(Prod(tuple(xd)), Prod(tuple(y)))
+        return
+    for si, sj in segs:
+        a, b = Prod(tuple(xd[i] for i in si)), Prod(tuple(y[j] for j in sj))
+        if size_of(a) > 1:
+            ctx.same(a, b)
 
 
 for _names, _rw in (
@@ -567,6 +613,20 @@ def repeat(ctx: RuleContext, node: fx.Node) -> None:
     for k in range(1, len(xd) + 1):
         r = int(reps[-k])
         ctx.same(y[-k], Prod((ctx.fresh(r, "repeat tiles"), xd[-k])) if r > 1 else xd[-k])
+
+
+@rule(*aten_ops("repeat_interleave"))
+def repeat_interleave(ctx: RuleContext, node: fx.Node) -> None:
+    # y[d] = Prod(x[d], R): each index of x is repeated R times in a row (GQA's kv heads)
+    x = node.args[0]
+    xd, y = ctx.dims(x), ctx.out()
+    reps, d = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    if xd is None or d is None or not isinstance(reps, int):
+        ctx.freeze([t for t in (xd or []) + list(y)], "repeat_interleave without a dim or with per-index repeats")
+        return
+    d = _dim(int(d), len(xd))
+    ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(y) if i != d])
+    ctx.same(y[d], Prod((xd[d], ctx.fresh(reps, "repeat_interleave"))) if reps > 1 else xd[d])
 
 
 @rule(*aten_ops("cat", "concat", "concatenate"))
