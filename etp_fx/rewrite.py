@@ -90,24 +90,20 @@ def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
             list(gm.named_buffers(remove_duplicate=False)):
         aliases.setdefault(id(t), []).append(name)
-    done: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(node.meta.get("etp_dims"), list):
-            name = str(node.target)
-            mod_name, _, attr = name.rpartition(".")
-            old = getattr(gm.get_submodule(mod_name) if mod_name else gm, attr)
-            if id(old) in done:
-                continue
-            done.add(id(old))
-            new = slice_tensor(old.detach() if isinstance(old, torch.nn.Parameter) else old,
-                               node.meta["etp_dims"], r)
-            if new is not old and tuple(new.shape) != tuple(old.shape):
-                names = aliases.get(id(old), [name])
-                shared = None
-                for n in names:  # every alias gets the same new tensor, so the tie survives
-                    _set_attr(gm, n, new if shared is None else shared)
-                    if shared is None:
-                        shared = _attr(gm, n)
+    originals = [(node, _attr(gm, str(node.target))) for node in gm.graph.nodes
+                 if node.op == "get_attr" and isinstance(node.meta.get("etp_dims"), list)]
+    done: set[int] = set()  # tensors already sliced (aliases share one tensor)
+    for node, old in originals:
+        if id(old) in done:
+            continue
+        done.add(id(old))
+        new = slice_tensor(old.detach() if isinstance(old, torch.nn.Parameter) else old,
+                           node.meta["etp_dims"], r)
+        if new is not old and tuple(new.shape) != tuple(old.shape):
+            shared = None
+            for n in aliases.get(id(old), [str(node.target)]):  # the tie survives
+                _set_attr(gm, n, new if shared is None else shared)
+                shared = _attr(gm, n) if shared is None else shared
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

@@ -615,7 +615,14 @@ def repeat(ctx: RuleContext, node: fx.Node) -> None:
         ctx.same(y[-k], Prod((ctx.fresh(r, "repeat tiles"), xd[-k])) if r > 1 else xd[-k])
 
 
-@rule(*aten_ops("repeat_interleave"))
+def _repeat_interleave_rewrite(r: Any, node: fx.Node) -> None:
+    """The repeats count is the new width of the repeats axis (query heads per kv head)."""
+    rep = node.meta["etp_rule_data"]["R"]
+    if rep is not None and r.size(rep) != size_of(rep):
+        set_arg(node, 1, r.size(rep))
+
+
+@rule(*aten_ops("repeat_interleave"), rewrite=_repeat_interleave_rewrite)
 def repeat_interleave(ctx: RuleContext, node: fx.Node) -> None:
     # y[d] = Prod(x[d], R): each index of x is repeated R times in a row (GQA's kv heads)
     x = node.args[0]
@@ -623,10 +630,13 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node) -> None:
     reps, d = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
     if xd is None or d is None or not isinstance(reps, int):
         ctx.freeze([t for t in (xd or []) + list(y)], "repeat_interleave without a dim or with per-index repeats")
+        node.meta["etp_rule_data"] = {"R": None}
         return
     d = _dim(int(d), len(xd))
     ctx.same_all([t for i, t in enumerate(xd) if i != d], [t for i, t in enumerate(y) if i != d])
-    ctx.same(y[d], Prod((xd[d], ctx.fresh(reps, "repeat_interleave"))) if reps > 1 else xd[d])
+    rep = ctx.fresh(reps, "repeat_interleave") if reps > 1 else None
+    ctx.same(y[d], Prod((xd[d], rep)) if rep is not None else xd[d])
+    node.meta["etp_rule_data"] = {"R": rep}
 
 
 @rule(*aten_ops("cat", "concat", "concatenate"))
