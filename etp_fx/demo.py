@@ -19,8 +19,8 @@ __all__ = ["DemoConfig", "digits", "SmallVGG", "train", "evaluate", "latency_ms"
 
 @dataclass
 class DemoConfig:
-    epochs: int = 30
-    strength: float = 0.05
+    epochs: int = 20
+    strength: float = 2.0
     threshold: float = 0.02  # relative to the group's largest unit norm
     target_macs: float | None = None  # if given, keep this share of MACs instead
     out: str = "etp-demo-out"
@@ -187,10 +187,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                "latency_ms_compressed": lat1, **{k: v for k, v in rep.items() if k != "groups"},
                "groups": {k: {kk: vv for kk, vv in v.items() if kk != "removed"}
                           for k, v in rep["groups"].items()}}
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
     reloaded = _reload_in_fresh_process(out)
     log(f"reloaded {out / 'model.pt2'} in a fresh process: test accuracy {reloaded:.2f}%")
     summary["accuracy_reloaded"] = reloaded
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
     log(f"wrote {out}/: model.pt2, norms.png, groups.svg, groups.html, report.json")
     return summary
 

@@ -137,3 +137,16 @@ def test_verification_failure_names_the_group(monkeypatch):
     with pytest.raises(etp_fx.VerificationError, match=r"fail alone: a\.weight\[0\]$"):
         etp_fx.compress(Residual().eval(), torch.randn(1, 3, 8, 8),
                         remove={"a.weight[0]": [0], "stem.weight[0]": [1]})
+
+
+def test_expand_as_through_normalize():
+    # F.normalize lowers to expand_as(norm, x): its size comes from a tensor, not a list
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(nn.functional.normalize(self.a(x), dim=0))
+
+    check_oracle(M(), torch.randn(2, 8))

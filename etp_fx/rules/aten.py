@@ -599,10 +599,16 @@ def permute(ctx: RuleContext, node: fx.Node) -> None:
         ctx.same(y[i], xd[p])
 
 
-@rule(*aten_ops("expand", "expand_as", "broadcast_to"), rewrite=_sizes_rewrite(1, "size"))
+@rule(*aten_ops("expand", "broadcast_to"), rewrite=_sizes_rewrite(1, "size"))
 def expand(ctx: RuleContext, node: fx.Node) -> None:
     # y[-k] ~ x[-k] where not broadcast; broadcast dims are new axes
     broadcast(ctx, node, [node.args[0]])
+
+
+@rule(*aten_ops("expand_as"))
+def expand_as(ctx: RuleContext, node: fx.Node) -> None:
+    # y ~ other; y[-k] ~ x[-k] where not broadcast (the size comes from ``other``: no rewrite)
+    broadcast(ctx, node, [node.args[0], node.args[1]])
 
 
 @rule(*aten_ops("repeat"))

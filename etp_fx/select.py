@@ -1,0 +1,303 @@
+"""Which units go after training: by norm threshold, by ratio, or by a MACs / params budget.
+
+Every function returns a *plan*: ``{group_id: sorted list of unit indices to remove}`` (groups
+with nothing to remove are left out), ready for ``etp_fx.zero_units`` / ``etp_fx.compress``.
+
+Rules shared by all selections:
+
+- only exact groups are considered unless ``allow_approximate=True``;
+- at least ``min_keep`` (default 1) unit of every group survives;
+- ``round_to=r`` keeps widths that are multiples of ``r`` where the group allows it (the kept
+  width is rounded *up*, so rounding never removes a unit the criterion kept);
+- where heads are the units (``unit_kind == "head"``) a unit is a whole head, so whole heads go.
+
+Also here: the official code's per-epoch element clipping (``|w| < 5e-4`` set to 0), as a
+function and as a callback object.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .torque import UnitNorms, _ord, check_signature, unit_sets_from_graph, unwrap
+
+__all__ = ["SelectionError", "unit_norms", "select_units", "by_threshold", "by_ratio",
+           "by_budget", "clip_small_weights", "ElementClipping"]
+
+
+class SelectionError(ValueError):
+    """A selection cannot be made as asked; the message says why and what is reachable."""
+
+
+def unit_norms(graph, model: torch.nn.Module, *, norm: Any = "l2", units: str = "group",
+               include: Any = None, allow_approximate: bool = False) -> dict[str, np.ndarray]:
+    """Per-unit norms of each group, as numpy arrays (``norm``: ``l1``, ``l2`` or ``linf``).
+
+    ``units`` must match how the model was trained: a model trained with
+    ``units="producer"`` has zero output rows but non-zero consumer columns."""
+    model = unwrap(model)
+    check_signature(graph, model)
+    sets = unit_sets_from_graph(graph, units=units, include=include,
+                                allow_approximate=allow_approximate)
+    if not sets:
+        return {}
+    un = UnitNorms(sets, dict(graph.signature))
+    with torch.no_grad():
+        params = [model.get_parameter(n).detach() for n in un.names]
+        u = un.values(params, _ord(norm))
+    return {k: v.cpu().double().numpy() for k, v in un.split(u).items()}
+
+
+def _groups(graph, norms: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for gid in norms:
+        try:
+            out[gid] = graph[gid]
+        except KeyError as e:
+            raise SelectionError(str(e.args[0])) from None
+    return out
+
+
+def _rounded(keep: int, size: int, round_to: int | None, min_keep: int) -> int:
+    keep = max(min(size, keep), min(size, min_keep))
+    if round_to and round_to > 1:
+        up = int(math.ceil(keep / round_to) * round_to)
+        keep = up if up <= size else size
+    return keep
+
+
+def _plan_from_keep(norms: Mapping[str, np.ndarray], keep: Mapping[str, int]
+                    ) -> dict[str, list[int]]:
+    plan = {}
+    for gid, k in keep.items():
+        n = np.asarray(norms[gid])
+        order = np.argsort(n, kind="stable")  # ascending: the weakest go first
+        drop = order[: len(n) - k]
+        if len(drop):
+            plan[gid] = sorted(int(i) for i in drop)
+    return plan
+
+
+def _resolve(graph, model, norms, norm, units, include, allow_approximate):
+    if norms is None:
+        if model is None:
+            raise SelectionError("give the trained model (or norms=)")
+        norms = unit_norms(graph, model, norm=norm, units=units, include=include,
+                           allow_approximate=allow_approximate)
+    else:
+        norms = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v,
+                               dtype=np.float64) for k, v in norms.items()}
+        groups = _groups(graph, norms)
+        if not allow_approximate:
+            norms = {k: v for k, v in norms.items() if groups[k].exact}
+        for k, v in norms.items():
+            if len(v) != groups[k].size:
+                raise SelectionError(f"norms[{k!r}] has {len(v)} values; the group has "
+                                     f"{groups[k].size} units")
+    if not norms:
+        raise SelectionError("no groups to select from (all frozen or approximate; pass "
+                             "allow_approximate=True to include approximate groups)")
+    return norms
+
+
+def by_threshold(graph, model: torch.nn.Module | None = None, threshold: float = 0.0, *,
+                 relative: bool = False, norms: Mapping[str, Any] | None = None,
+                 norm: Any = "l2", units: str = "group", round_to: int | None = None,
+                 min_keep: int = 1, include: Any = None, allow_approximate: bool = False
+                 ) -> dict[str, list[int]]:
+    """Remove units whose norm is at most ``threshold`` (``relative``: at most ``threshold``
+    times the largest norm of the group). ``threshold=0`` removes exactly-zero units."""
+    if not threshold >= 0:
+        raise SelectionError(f"threshold must be >= 0, got {threshold}")
+    norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
+    keep = {}
+    for gid, n in norms.items():
+        t = threshold * n.max() if relative else threshold
+        keep[gid] = _rounded(int((n > t).sum()), len(n), round_to, min_keep)
+    return _plan_from_keep(norms, keep)
+
+
+def _scores(norms: Mapping[str, np.ndarray], normalize: str | None) -> dict[str, np.ndarray]:
+    out = {}
+    for gid, n in norms.items():
+        if normalize == "mean":
+            d = n.mean()
+        elif normalize == "max":
+            d = n.max()
+        elif normalize is None:
+            d = 1.0
+        else:
+            raise SelectionError(f"normalize must be 'mean', 'max' or None, got {normalize!r}")
+        out[gid] = n / d if d > 0 else np.zeros_like(n)
+    return out
+
+
+def by_ratio(graph, model: torch.nn.Module | None = None, ratio: float = 0.5, *,
+             scope: str = "group", normalize: str | None = "mean",
+             norms: Mapping[str, Any] | None = None, norm: Any = "l2", units: str = "group",
+             round_to: int | None = None, min_keep: int = 1, include: Any = None,
+             allow_approximate: bool = False) -> dict[str, list[int]]:
+    """Remove a fraction ``ratio`` of the units: in every group (``scope="group"``), or of all
+    units ranked together (``scope="global"``, each group's norms divided by their mean, or
+    max, so wide and narrow slices compare)."""
+    if not 0 <= ratio < 1:
+        raise SelectionError(f"ratio must be in [0, 1), got {ratio}")
+    norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
+    if scope == "group":
+        keep = {gid: _rounded(len(n) - int(math.floor(ratio * len(n))), len(n), round_to,
+                              min_keep) for gid, n in norms.items()}
+        return _plan_from_keep(norms, keep)
+    if scope != "global":
+        raise SelectionError(f"scope must be 'group' or 'global', got {scope!r}")
+    scores = _scores(norms, normalize)
+    total = sum(len(n) for n in norms.values())
+    n_drop = int(math.floor(ratio * total))
+    order = _global_order(scores, {gid: 1.0 for gid in scores}, min_keep)
+    keep = _keep_after(order[:n_drop], norms, round_to, min_keep)
+    return _plan_from_keep(norms, keep)
+
+
+def _global_order(scores: Mapping[str, np.ndarray], unit_cost: Mapping[str, float],
+                  min_keep: int) -> list[tuple[str, int]]:
+    """Candidates (group, rank within group), weakest score per unit of cost first; the
+    ``min_keep`` strongest units of each group are never candidates."""
+    gids, ranks, keys = [], [], []
+    for gid, s in scores.items():
+        c = unit_cost[gid]
+        if c <= 0:
+            continue  # removing these units saves nothing
+        srt = np.sort(s, kind="stable")
+        m = max(0, len(s) - min_keep)
+        gids.extend([gid] * m)
+        ranks.extend(range(m))
+        keys.extend((srt[:m] / c).tolist())
+    order = np.argsort(np.asarray(keys, dtype=np.float64), kind="stable")
+    return [(gids[i], ranks[i]) for i in order]
+
+
+def _keep_after(prefix: Sequence[tuple[str, int]], norms, round_to, min_keep) -> dict[str, int]:
+    drop: dict[str, int] = {}
+    for gid, _ in prefix:
+        drop[gid] = drop.get(gid, 0) + 1
+    return {gid: _rounded(len(n) - drop.get(gid, 0), len(n), round_to, min_keep)
+            for gid, n in norms.items()}
+
+
+def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None = None,
+              params: float | None = None, normalize: str | None = "mean",
+              norms: Mapping[str, Any] | None = None, norm: Any = "l2", units: str = "group",
+              round_to: int | None = None, min_keep: int = 1, include: Any = None,
+              allow_approximate: bool = False) -> dict[str, list[int]]:
+    """Remove the fewest units that bring MACs (or params) down to the budget.
+
+    ``macs`` / ``params``: a fraction of the dense model to keep (``0 < x <= 1``) or an
+    absolute count (``> 1``). Units are ranked globally by (normalised) norm per unit of cost,
+    the cost of a unit being the drop in MACs (params) when its group loses one unit, from the
+    sympy cost model. The shortest prefix of that ranking that meets the budget (after
+    ``round_to``) is removed; a binary search over the prefix length evaluates the cost model
+    exactly, so interactions between groups (a conv's MACs are in-width x out-width) count."""
+    if (macs is None) == (params is None):
+        raise SelectionError("give exactly one of macs= or params=")
+    kind, target = ("macs", macs) if macs is not None else ("params", params)
+    cm = graph.cost
+    fn = cm.macs if kind == "macs" else cm.params
+    dense = fn()
+    if not target > 0:
+        raise SelectionError(f"{kind} budget must be > 0, got {target}")
+    budget = target * dense if target <= 1 else float(target)
+    norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
+    if dense <= budget:
+        return {}
+    scores = _scores(norms, normalize)
+    unit_cost = {}
+    for gid, n in norms.items():
+        unit_cost[gid] = (dense - fn({gid: len(n) - 1})) / max(dense, 1)
+    order = _global_order(scores, unit_cost, min_keep)
+
+    def cost(k: int) -> float:
+        keep = _keep_after(order[:k], norms, round_to, min_keep)
+        return fn(keep)
+
+    lo, hi = 0, len(order)
+    if cost(hi) > budget:
+        best = cost(hi)
+        raise SelectionError(
+            f"{kind} budget {budget:,.0f} ({budget / dense:.1%} of {dense:,}) is out of reach: "
+            f"removing every candidate unit (keeping {min_keep} per group) leaves "
+            f"{best:,.0f} ({best / dense:.1%}); frozen groups, min_keep or round_to limit it")
+    while lo < hi:  # smallest prefix that meets the budget
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _plan_from_keep(norms, _keep_after(order[:lo], norms, round_to, min_keep))
+
+
+def select_units(graph, model: torch.nn.Module | None = None, *, threshold: float | None = None,
+                 relative: bool = False, ratio: float | None = None, scope: str = "group",
+                 target_macs: float | None = None, target_params: float | None = None,
+                 **kw) -> dict[str, list[int]]:
+    """One entry point: exactly one of ``threshold``, ``ratio``, ``target_macs``,
+    ``target_params`` (see :func:`by_threshold`, :func:`by_ratio`, :func:`by_budget`)."""
+    given = [k for k, v in (("threshold", threshold), ("ratio", ratio),
+                            ("target_macs", target_macs), ("target_params", target_params))
+             if v is not None]
+    if len(given) != 1:
+        raise SelectionError(f"give exactly one of threshold, ratio, target_macs, "
+                             f"target_params (got {given or 'none'})")
+    if threshold is not None:
+        return by_threshold(graph, model, threshold, relative=relative, **kw)
+    if ratio is not None:
+        return by_ratio(graph, model, ratio, scope=scope, **kw)
+    return by_budget(graph, model, macs=target_macs, params=target_params, **kw)
+
+
+# --- the official per-epoch clipping -----------------------------------------------------------
+
+def _clip_names(model: torch.nn.Module, source: Any) -> list[str]:
+    if source is None:  # every Conv/Linear-like weight: parameters with 2 or more dims
+        return [n for n, p in model.named_parameters() if p.dim() >= 2]
+    if hasattr(source, "names"):  # a regulariser: the parameters it penalises
+        return list(source.names)
+    return list(source)
+
+
+@torch.no_grad()
+def clip_small_weights(model: torch.nn.Module, threshold: float = 5e-4,
+                       params: Any = None) -> int:
+    """Set weights with ``|w| < threshold`` to zero, in place (the official code does this
+    after every epoch). ``params``: a regulariser (its penalised parameters), a list of
+    parameter names, or None (every parameter with 2 or more dims). Returns how many weights
+    are zero afterwards among those parameters."""
+    if not threshold >= 0:
+        raise SelectionError(f"threshold must be >= 0, got {threshold}")
+    model = unwrap(model)
+    zeros = 0
+    for n in _clip_names(model, params):
+        p = model.get_parameter(n)
+        p.masked_fill_(p.abs() < threshold, 0)
+        zeros += int((p == 0).sum())
+    return zeros
+
+
+class ElementClipping:
+    """Callback: ``clip(model, epoch)`` after each epoch zeroes weights below ``threshold``
+    every ``every`` epochs, and records how many weights are zero (``history``)."""
+
+    def __init__(self, threshold: float = 5e-4, params: Any = None, every: int = 1) -> None:
+        self.threshold, self.params, self.every = threshold, params, max(1, int(every))
+        self.history: list[tuple[int, int]] = []
+        self._calls = 0
+
+    def __call__(self, model: torch.nn.Module, epoch: int | None = None) -> int | None:
+        epoch = self._calls if epoch is None else epoch
+        self._calls += 1
+        if (epoch + 1) % self.every:
+            return None
+        z = clip_small_weights(model, self.threshold, self.params)
+        self.history.append((epoch, z))
+        return z

@@ -1,0 +1,287 @@
+"""Training helpers: a progress bar, unit-norm history and its plot, and a Hugging Face hook.
+
+Plain PyTorch needs nothing from here::
+
+    reg = etp_fx.ExponentialTorque(etp_fx.trace(model, x), strength=1.0)
+    loss = criterion(model(x), y) + reg(model)      # in the loop
+    small = etp_fx.compress(model, x, threshold=0.02, select_options={"relative": True})
+
+What is here makes the loop pleasant:
+
+- :func:`progress`: a tqdm bar showing the live penalty and how many units are near zero;
+- :class:`NormHistory` + :func:`plot_norms`: per-unit L2 norms per epoch and the paper's
+  "norm over training" figure;
+- :class:`ETPCallback` / :class:`ETPTrainerMixin`: the penalty inside a Hugging Face
+  ``Trainer`` (imported lazily; transformers is optional).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .torque import RegulariserError, UnitNorms, _ord, check_signature, unit_sets_from_graph, \
+    unwrap
+
+__all__ = ["progress", "NormHistory", "plot_norms", "ETPCallback", "ETPTrainerMixin"]
+
+
+# --- progress bar ------------------------------------------------------------------------------
+
+class _Progress:
+    def __init__(self, iterable: Iterable, reg, model, every: int, tol: float, **tqdm_kw):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(iterable, **tqdm_kw)
+        self.reg, self.model, self.every, self.tol = reg, model, max(1, int(every)), tol
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator:
+        for item in self.bar:
+            yield item
+            self.n += 1
+            if self.n % self.every == 0:
+                self.refresh()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Update the bar's postfix now: the last penalty and the count of near-zero units."""
+        post = {}
+        if self.reg.last_value is not None:
+            post["penalty"] = f"{float(self.reg.last_value):.4g}"
+        total = self.reg.norms.n_units
+        post["zero_units"] = f"{self.reg.near_zero(self.model, self.tol)}/{total}"
+        self.postfix = post
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __len__(self) -> int:
+        return len(self.bar)
+
+
+def progress(iterable: Iterable, reg, model: torch.nn.Module, *, every: int = 20,
+             tol: float = 5e-4, **tqdm_kw) -> _Progress:
+    """Wrap a data loader in a tqdm bar that shows ``penalty`` (the regulariser's last value)
+    and ``zero_units`` (units whose every weight is below ``tol``: the ones the official
+    per-epoch clipping would zero), refreshed every ``every`` batches (it reads all weights).
+
+    >>> for x, y in etp_fx.progress(loader, reg, model, desc="epoch 3"):  # doctest: +SKIP
+    ...     loss = F.cross_entropy(model(x), y) + reg(model)
+    """
+    return _Progress(iterable, reg, model, every, tol, **tqdm_kw)
+
+
+# --- norm history ------------------------------------------------------------------------------
+
+class NormHistory:
+    """Per-unit norms recorded over training, one snapshot per :meth:`record` call.
+
+    ``source``: a regulariser (its unit sets: groups, or the paper preset's layers) or a
+    dependency graph (every group). ``norm``: ``l2`` (the paper's figure), ``l1`` or ``linf``.
+    ``units``: for a graph, ``group`` or ``producer``."""
+
+    def __init__(self, source, *, norm: Any = "l2", units: str = "group",
+                 allow_approximate: bool = True) -> None:
+        self.ord = _ord(norm)
+        self.norm = norm
+        if hasattr(source, "unit_sets") and hasattr(source, "graph"):
+            self.graph = source.graph
+            sets = source.unit_sets
+        else:
+            self.graph = source
+            sets = unit_sets_from_graph(source, units=units, allow_approximate=allow_approximate)
+        if not sets:
+            raise RegulariserError("NormHistory: no units to record")
+        self._norms = UnitNorms(sets, dict(self.graph.signature))
+        self.ids = [s.id for s in sets]
+        self.epochs: list[float] = []
+        self.values: dict[str, list[np.ndarray]] = {i: [] for i in self.ids}
+        self._checked: Any = None
+
+    @torch.no_grad()
+    def record(self, model: torch.nn.Module, epoch: float | None = None) -> None:
+        """Snapshot every unit's norm (``epoch`` defaults to the number of snapshots)."""
+        model = unwrap(model)
+        if self._checked is not model:
+            check_signature(self.graph, model)
+            self._checked = model
+        params = [model.get_parameter(n).detach() for n in self._norms.names]
+        u = self._norms.values(params, self.ord)
+        for k, v in self._norms.split(u).items():
+            self.values[k].append(v.cpu().double().numpy())
+        self.epochs.append(float(len(self.epochs) if epoch is None else epoch))
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def array(self, group_id: str) -> np.ndarray:
+        """``[snapshots, units]`` norms of one group."""
+        if group_id not in self.values:
+            raise KeyError(f"no group {group_id!r} recorded; recorded: {self.ids[:4]}...")
+        return np.stack(self.values[group_id]) if self.values[group_id] else np.zeros((0, 0))
+
+    def to_dict(self) -> dict:
+        return {"norm": str(self.norm), "epochs": self.epochs,
+                "values": {k: [v.tolist() for v in vs] for k, vs in self.values.items()}}
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+
+def plot_norms(history: NormHistory, path: str, *, groups: Sequence[str] | None = None,
+               max_groups: int = 4, log: bool = False, title: str | None = None) -> str:
+    """Draw the paper's figure: each unit's norm over training, one panel per group, lines
+    coloured by the unit's index (distance from pivot 0 on the paper's chain). Saves to
+    ``path`` (PNG, SVG or PDF by extension) with matplotlib's Agg backend; returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib import cm
+
+    if len(history) == 0:
+        raise ValueError("the history is empty: call history.record(model) each epoch first")
+    ids = list(groups) if groups is not None else _widest(history, max_groups)
+    fig, axes = plt.subplots(1, len(ids), figsize=(4.2 * len(ids), 3.4), squeeze=False)
+    x = np.asarray(history.epochs)
+    for ax, gid in zip(axes[0], ids):
+        a = history.array(gid)
+        n = a.shape[1]
+        colors = cm.viridis(np.linspace(0, 1, n))
+        for u in range(n):
+            ax.plot(x, a[:, u], color=colors[u], linewidth=0.8)
+        ax.set_title(f"{gid} ({n} units)", fontsize=8)
+        ax.set_xlabel("epoch")
+        if log:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        sm = cm.ScalarMappable(cmap="viridis", norm=matplotlib.colors.Normalize(0, n - 1))
+        fig.colorbar(sm, ax=ax, label="unit index")
+    axes[0][0].set_ylabel(f"{history.norm} norm of unit")
+    fig.suptitle(title or "unit norms over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _widest(history: NormHistory, k: int) -> list[str]:
+    ids = sorted(history.ids, key=lambda i: -len(history.values[i][0]) if history.values[i]
+                 else 0)
+    keep = set(ids[:k])
+    return [i for i in history.ids if i in keep]
+
+
+# --- Hugging Face Trainer ----------------------------------------------------------------------
+
+def _no_event(*args, **kwargs):
+    return None
+
+
+def _add_penalty(trainer, reg, model, out, return_outputs: bool, kwargs: dict):
+    """Add the penalty to what ``compute_loss`` returned. When the Trainer will not divide
+    the loss by the gradient-accumulation steps (the model normalised it by
+    ``num_items_in_batch``), divide the penalty here, so each optimizer step gets it once."""
+    pen = reg(model)
+    ga = int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1)
+    if ga > 1:
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and
+                      kwargs.get("num_items_in_batch") is not None) or \
+                getattr(trainer, "compute_loss_func", None) is not None
+        if scaled:
+            pen = pen / ga
+    if return_outputs:
+        loss, outputs = out
+        return loss + pen, outputs
+    return out + pen
+
+
+class ETPTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass to add the penalty to the loss::
+
+        class ETPTrainer(etp_fx.ETPTrainerMixin, Trainer): ...
+        trainer = ETPTrainer(model=model, args=args, train_dataset=ds, etp_reg=reg)
+
+    The Trainer computes the loss itself (``compute_loss``); this adds ``etp_reg(model)`` to
+    it, once per optimizer step under gradient accumulation."""
+
+    def __init__(self, *args, etp_reg=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.etp_reg = etp_reg
+        if etp_reg is not None:
+            self.add_callback(ETPCallback(etp_reg))
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self.etp_reg is None:
+            return out
+        return _add_penalty(self, self.etp_reg, model, out, return_outputs, kwargs)
+
+
+class ETPCallback:
+    """A Hugging Face ``TrainerCallback`` that logs the penalty and near-zero units, clips
+    small weights at epoch ends (optional, the official recipe), and records norms.
+
+    It follows the callback protocol without subclassing ``TrainerCallback`` (events it does
+    not handle are no-ops), so ``import etp_fx`` never imports transformers.
+
+    ``attach(trainer)`` also wraps the trainer's ``compute_loss`` so the penalty enters the
+    loss (a callback alone cannot change the loss)::
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        etp_fx.ETPCallback(reg, clip=5e-4).attach(trainer)
+        trainer.train()
+    """
+
+    def __init__(self, reg, *, clip: float | None = None, history: NormHistory | None = None,
+                 tol: float = 5e-4) -> None:
+        self.reg, self.clip, self.history, self.tol = reg, clip, history, tol
+        self.attached = False
+
+    def attach(self, trainer) -> "ETPCallback":
+        if getattr(trainer, "_etp_attached", False):
+            raise RegulariserError("this trainer already has an ETP penalty attached")
+        original = trainer.compute_loss
+        reg = self.reg
+
+        def compute_loss(model, inputs, return_outputs=False, **kwargs):
+            out = original(model, inputs, return_outputs=return_outputs, **kwargs)
+            return _add_penalty(trainer, reg, model, out, return_outputs, kwargs)
+
+        trainer.compute_loss = compute_loss
+        trainer._etp_attached = True
+        trainer.add_callback(self)
+        self.attached = True
+        return self
+
+    # TrainerCallback events
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):  # every other event of the protocol: nothing to do
+            return _no_event
+        raise AttributeError(name)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or self.reg.last_value is None or "loss" not in logs:
+            return control
+        extra = {"etp_penalty": float(self.reg.last_value)}
+        if model is not None:
+            extra["etp_zero_units"] = self.reg.near_zero(model, self.tol)
+        logs.update(extra)
+        # the Trainer appended a copy of ``logs`` to the history before calling callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+        return control
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            if self.clip is not None:
+                from .select import clip_small_weights
+                clip_small_weights(model, self.clip, self.reg)
+            if self.history is not None:
+                self.history.record(model, state.epoch)
+        return control

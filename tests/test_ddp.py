@@ -1,0 +1,76 @@
+"""DistributedDataParallel on CPU (gloo, 2 processes): the ETP penalty gives the same loss and
+the same gradients as one process on the whole batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import etp_fx
+from etp_fx.torque import ExponentialTorque
+
+
+def make_model():
+    torch.manual_seed(0)  # no BatchNorm: its batch statistics would differ by design
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+
+def step(model, reg, x, y):
+    loss = nn.functional.cross_entropy(model(x), y) + reg(model)
+    loss.backward()
+    return loss.detach()
+
+
+def _worker(rank, world, port, out):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        x, y = data()
+        g = etp_fx.trace(model, x[:1])
+        reg = ExponentialTorque(g, strength=0.5, norm="l2", normalize="init")
+        ddp = nn.parallel.DistributedDataParallel(model)
+        half = len(x) // world
+        sl = slice(rank * half, (rank + 1) * half)
+        loss = step(ddp, reg, x[sl], y[sl])  # the regulariser unwraps DDP to name parameters
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world,
+                        "grads": {n: p.grad for n, p in model.named_parameters()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_two_processes_match_one(tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+
+    model = make_model()
+    x, y = data()
+    reg = ExponentialTorque(etp_fx.trace(model, x[:1]), strength=0.5, norm="l2",
+                            normalize="init")
+    loss = step(model, reg, x, y)
+    assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert reg(model).item() > 0.1  # the penalty is a real part of the loss
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6)
