@@ -139,7 +139,8 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: Mapping[int, Sequen
         else:
             name = f"_etp_fold_{i}"
             batch_const = C[:1] if C.dim() > 1 and torch.equal(C, C[:1].expand_as(C)) else C
-            gm.register_buffer(name, batch_const.contiguous())
+            # a copy with its own storage: C[:1] is a view that would keep all of C alive
+            gm.register_buffer(name, batch_const.clone(memory_format=torch.contiguous_format))
             with gm.graph.inserting_after(node):
                 const = gm.graph.get_attr(name)
             with gm.graph.inserting_after(const):

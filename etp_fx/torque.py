@@ -235,10 +235,15 @@ class UnitNorms:
         if not other:
             m = w.float()
             return m.square() if ord == 2 else m.abs()
-        if ud == (0,) and w.is_contiguous() and not torch.compiler.is_compiling():
-            m = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord, dim=1,
-                                         dtype=torch.float32)
-            return m.square() if ord == 2 else m
+        k = len(ud)
+        leading = ud == tuple(range(k)) and other == tuple(range(k, w.dim()))
+        if leading and w.is_contiguous() and not torch.compiler.is_compiling():
+            rows = w.reshape(-1, math.prod(w.shape[k:]))
+            if ord == 2 and k == 1:  # CPU's L2 row norm is fast: 8x an elementwise pass
+                return torch.linalg.vector_norm(rows, 2, dim=1, dtype=torch.float32).square()
+            if ord in (1, 2):  # |w| or w^2 then a BLAS row sum: 2-4x CPU's reductions
+                a = rows.float().abs() if ord == 1 else rows.float().square()
+                return a.mv(a.new_ones(a.shape[1])).view(w.shape[:k])
         if torch.compiler.is_compiling():  # inductor fuses this into one reduction
             m = torch.linalg.vector_norm(w, ord, dim=other, dtype=torch.float32)
             return m.square() if ord == 2 else m
