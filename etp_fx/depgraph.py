@@ -290,7 +290,13 @@ def _group_id(members, leaf: Axis) -> str:
 
 
 def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> str:
-    """A label for people: heads and head-dims are the factors of a product in a weight dim."""
+    """A label for people: heads and head-dims are the factors of a product in a weight dim.
+
+    A conv's own channel dim wins over products: a flatten into a Linear makes conv channels
+    the major factor of the Linear's input, and they are still channels."""
+    weights = [(t, m) for (_, _, t), m in zip(members, mem) if "out" in m.roles or "in" in m.roles]
+    if any(resolve(t) is leaf and _ndim(gm, m.name) > 2 for t, m in weights):
+        return "channel"
     for (name, d, t), m in zip(members, mem):
         r = resolve(t)
         if ("out" in m.roles or "in" in m.roles) and isinstance(r, Prod):

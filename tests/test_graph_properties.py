@@ -726,9 +726,6 @@ def test_module_alias_cost():
     assert g.cost.params({"a.weight[0]": 3}) == 4 * 3 + 3 + 3 * 3 + 3
 
 
-@pytest.mark.xfail(strict=True, reason="etp_fx bug (label only): ChannelGroup.unit_kind calls "
-                   "conv channels 'head' when a flatten makes them the major factor of a "
-                   "Linear's input (any Prod in a weight dim is taken for attention heads)")
 def test_unit_kind_of_conv_channels_before_a_flatten():
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
     (grp,) = etp_fx.trace(m, torch.randn(1, 3, 2, 2)).groups
