@@ -20,6 +20,7 @@ import torch.fx as fx
 __all__ = ["save", "load", "LoadError"]
 
 _REPORT = "etp_report.json"
+_TYPES = "etp_pytree_types.json"  # input/output container types the loader must know
 
 
 class LoadError(RuntimeError):
@@ -46,10 +47,44 @@ def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
     from .capture import batch_dynamic_shapes
     dyn = batch_dynamic_shapes(model.forward, tuple(args), dict(kwargs))
     ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dyn, strict=False)
-    extra = {_REPORT: json.dumps(meta.get("etp_report", {}), default=str)}
+    extra = {_REPORT: json.dumps(meta.get("etp_report", {}), default=str),
+             _TYPES: json.dumps(sorted(_container_types(ep)))}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(path), extra_files=extra)
     return path
+
+
+def _container_types(ep: torch.export.ExportedProgram) -> set[str]:
+    """Serialized names of the non-builtin pytree containers in the inputs and outputs (a
+    transformers ``ModelOutput``, say): the loading process must have them registered."""
+    import torch.utils._pytree as pytree
+    names: set[str] = set()
+    stack = [ep.call_spec.in_spec, ep.call_spec.out_spec]
+    while stack:
+        spec = stack.pop()
+        if spec is None:
+            continue
+        node = pytree.SUPPORTED_SERIALIZED_TYPES.get(spec.type)
+        name = node.serialized_type_name if node is not None else None
+        if name and not name.startswith(("builtins.", "collections.", "torch.")):
+            names.add(name)
+        stack.extend(spec.children_specs)
+    return names
+
+
+def _check_container_types(path: Path, z: zipfile.ZipFile) -> None:
+    """Refuse, with the fix, a file whose outputs need a type no imported module registers.
+
+    etp_fx never imports a module because a file names it; the user does, knowingly."""
+    import torch.utils._pytree as pytree
+    member = next((n for n in z.namelist() if n.endswith(_TYPES)), None)
+    names = json.loads(z.read(member)) if member else []
+    missing = [n for n in names if n not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE]
+    if missing:
+        modules = sorted({n.rpartition(".")[0] for n in missing})
+        raise LoadError(f"{path}: the model's inputs or outputs use {', '.join(missing)}, which "
+                        f"no imported module has registered with torch's pytree; run "
+                        f"`import {', '.join(modules)}` before etp_fx.load")
 
 
 class _NoPickle:
@@ -92,6 +127,8 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
+            if bad is None:
+                _check_container_types(path, z)
     except zipfile.BadZipFile as e:
         raise LoadError(f"{path} is not a .pt2 archive (truncated or corrupt: {e}); save it "
                         f"again with etp_fx.save") from None

@@ -294,6 +294,8 @@ class ElementClipping:
         self._calls = 0
 
     def __call__(self, model: torch.nn.Module, epoch: int | None = None) -> int | None:
+        """Clip at the end of an epoch (every ``every``-th call); returns how many weights are
+        now zero, or None on epochs it skips."""
         epoch = self._calls if epoch is None else epoch
         self._calls += 1
         if (epoch + 1) % self.every:

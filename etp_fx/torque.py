@@ -665,6 +665,8 @@ class _TorqueBase:
         return int((u < tol).sum())
 
     def summary(self) -> str:
+        """A table, one row per unit set: units, pivots, largest distance, force range, group
+        factor and multiplier."""
         rows = [("group", "units", "pivots", "d_max", "force min..max", "gamma", "A")]
         for s in self.unit_sets:
             d = self.distances[s.id]
@@ -709,8 +711,10 @@ class ExponentialTorque(_TorqueBase):
         Norm of a unit's weights (L1 as the paper; L2 is group lasso).
     units : ``"group"`` or ``"producer"``
         Every coupled parameter slice of a unit, or only its output rows.
-    distance : ``"index"``, ``"importance"``, a networkx graph, a dict of graphs by group id,
-        or a callable ``(unit_set, norms_at_init) -> graph | (graph, pivots)``.
+    distance : str, networkx graph, dict or callable
+        ``"index"`` (the chain by index), ``"importance"`` (the chain ordered by the norms at
+        construction), a networkx graph over the units, a dict of graphs by group id, or a
+        callable ``(unit_set, norms_at_init) -> graph | (graph, pivots)``.
     pivots : list of int, or dict group id -> list of int
         Units at distance 0 (default: 0 for ``index``, the most important for ``importance``).
     preset : None or ``"paper"``

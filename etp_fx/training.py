@@ -30,7 +30,9 @@ __all__ = ["progress", "NormHistory", "plot_norms", "ETPCallback", "ETPTrainerMi
 
 # --- progress bar ------------------------------------------------------------------------------
 
-class _Progress:
+class ProgressBar:
+    """An iterable over a data loader with a live tqdm bar (see :func:`progress`)."""
+
     def __init__(self, iterable: Iterable, reg, model, every: int, tol: float, **tqdm_kw):
         from tqdm.auto import tqdm
         self.bar = tqdm(iterable, **tqdm_kw)
@@ -64,7 +66,7 @@ class _Progress:
 
 
 def progress(iterable: Iterable, reg, model: torch.nn.Module, *, every: int = 20,
-             tol: float = 5e-4, **tqdm_kw) -> _Progress:
+             tol: float = 5e-4, **tqdm_kw) -> ProgressBar:
     """Wrap a data loader in a tqdm bar that shows ``penalty`` (the regulariser's last value)
     and ``zero_units`` (units whose every weight is below ``tol``: the ones the official
     per-epoch clipping would zero), refreshed every ``every`` batches (it reads all weights).
@@ -72,7 +74,7 @@ def progress(iterable: Iterable, reg, model: torch.nn.Module, *, every: int = 20
     >>> for x, y in etp_fx.progress(loader, reg, model, desc="epoch 3"):  # doctest: +SKIP
     ...     loss = F.cross_entropy(model(x), y) + reg(model)
     """
-    return _Progress(iterable, reg, model, every, tol, **tqdm_kw)
+    return ProgressBar(iterable, reg, model, every, tol, **tqdm_kw)
 
 
 # --- norm history ------------------------------------------------------------------------------
@@ -125,10 +127,12 @@ class NormHistory:
         return np.stack(self.values[group_id]) if self.values[group_id] else np.zeros((0, 0))
 
     def to_dict(self) -> dict:
+        """The norm, the recorded epochs and every group's per-epoch unit norms, as plain lists."""
         return {"norm": str(self.norm), "epochs": self.epochs,
                 "values": {k: [v.tolist() for v in vs] for k, vs in self.values.items()}}
 
     def save(self, path: str) -> None:
+        """Write :meth:`to_dict` to ``path`` as JSON."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f)
 
@@ -217,6 +221,7 @@ class ETPTrainerMixin:
             self.add_callback(ETPCallback(etp_reg))
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        """The Trainer's loss plus the ETP penalty."""
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if self.etp_reg is None:
             return out
@@ -244,6 +249,9 @@ class ETPCallback:
         self.attached = False
 
     def attach(self, trainer) -> "ETPCallback":
+        """Add the penalty to ``trainer``'s loss and register this callback; returns self.
+
+        Raises :class:`RegulariserError` if the trainer already has a penalty attached."""
         if getattr(trainer, "_etp_attached", False):
             raise RegulariserError("this trainer already has an ETP penalty attached")
         original = trainer.compute_loss
@@ -266,6 +274,7 @@ class ETPCallback:
         raise AttributeError(name)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        """Add ``etp_penalty`` and ``etp_zero_units`` to the Trainer's logs."""
         if logs is None or self.reg.last_value is None or "loss" not in logs:
             return control
         extra = {"etp_penalty": float(self.reg.last_value)}
@@ -278,6 +287,7 @@ class ETPCallback:
         return control
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        """Clip tiny weights (if ``clip`` is set) and record unit norms (if ``history`` is)."""
         if model is not None:
             if self.clip is not None:
                 from .select import clip_small_weights

@@ -107,3 +107,41 @@ def test_pickled_objects_are_never_loaded(small, tmp_path):
     with pytest.raises(LoadError):
         load(evil)
     assert not os.path.exists("/tmp/etp_fx_pwned")
+
+
+TYPES_MODULE = '''
+import dataclasses, torch, torch.utils._pytree as pytree
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+
+pytree.register_dataclass(Out, serialized_type_name="outtypes.Out")
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return Out(self.b(torch.relu(self.a(x))))
+'''
+
+
+def test_output_types_must_be_imported_before_loading(tmp_path):
+    # a model returning its own pytree type (as Hugging Face models return a ModelOutput)
+    (tmp_path / "outtypes.py").write_text(TYPES_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import outtypes
+        small = etp_fx.compress(outtypes.Net().eval(), torch.randn(2, 4), ratio=0.5)
+        save(small, tmp_path / "m.pt2")
+    finally:
+        sys.path.remove(str(tmp_path))
+    load_code = "import etp_fx; print(type(etp_fx.load('m.pt2')(__import__('torch').randn(3, 4))).__name__)"
+    cold = subprocess.run([sys.executable, "-c", load_code], cwd=tmp_path, capture_output=True, text=True)
+    assert cold.returncode != 0 and "`import outtypes` before etp_fx.load" in cold.stderr
+    warm = subprocess.run([sys.executable, "-c", "import outtypes; " + load_code], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert warm.stdout.strip() == "Out"
