@@ -11,8 +11,8 @@ Method:
 - every timing is the median of ``--runs`` (default 5) runs after one warm-up run; the runs of
   ours and torch-pruning's alternate (ours, TP, ours, TP, ...) so that a change in machine load
   hits both alike;
-- ours is ``etp_fx.trace(model, x)`` end to end (the eager check run, torch.export, the rules
-  and the groups); its two phases (``capture``: the eager check and torch.export; ``rules``:
+- ours is ``etp_fx.trace(model, x)`` end to end (torch.export, ``ep.module()``, the rules
+  and the groups); its two phases (``capture``: torch.export and ``ep.module()``; ``rules``:
   :func:`etp_fx.depgraph.build_graph`) are timed separately in extra runs;
 - TP is ``tp.DependencyGraph().build_dependency(model, example_inputs=x)`` (it too runs the model
   once, with autograd, and builds its graph);
@@ -75,13 +75,14 @@ def _phases(m, x) -> tuple[float, float]:
 
 
 def _capture_parts(m, x) -> tuple[float, float, float, int]:
-    """What ``capture`` spends its time on: the eager check run, ``torch.export.export`` and
-    ``ExportedProgram.module()``; and the number of nodes of the ATen graph."""
-    from etp_fx.capture import _check_runs
+    """What ``capture`` spends its time on: ``torch.export.export`` as torch runs it by default
+    (a symbolised stack trace recorded for every node), the same export as etp_fx runs it
+    (stack traces off), ``ExportedProgram.module()``; and the number of nodes of the ATen graph."""
+    from etp_fx.capture import _export
     t0 = time.perf_counter()
-    _check_runs(m, (x,), {})
+    torch.export.export(m, (x,), strict=False)
     t1 = time.perf_counter()
-    ep = torch.export.export(m, (x,), strict=False)
+    ep = _export(m, (x,), {}, None)
     t2 = time.perf_counter()
     gm = ep.module()
     t3 = time.perf_counter()
@@ -98,10 +99,10 @@ def compare(names: list[str], runs: int) -> list[dict]:
             ours.append(_ours(m, x))
             tps.append(_tp(m, x))
         cap, rul = zip(*[_phases(m, x) for _ in range(max(3, runs // 2))])
-        chk, exp, mod, nodes = zip(*[_capture_parts(m, x) for _ in range(max(3, runs // 2))])
+        exp_default, exp, mod, nodes = zip(*[_capture_parts(m, x) for _ in range(max(3, runs // 2))])
         r = dict(model=name, runs=runs, ours=statistics.median(ours), tp=statistics.median(tps),
                  capture=statistics.median(cap), rules=statistics.median(rul),
-                 check=statistics.median(chk), export=statistics.median(exp),
+                 export_default=statistics.median(exp_default), export=statistics.median(exp),
                  module=statistics.median(mod), nodes=nodes[0], ours_all=ours, tp_all=tps)
         r["ratio"] = r["ours"] / r["tp"]
         rows.append(r)
@@ -181,22 +182,24 @@ _WHY = """\
 Why torch-pruning is faster on these models: its `build_dependency` runs one ordinary forward
 pass (with autograd) and walks the `grad_fn` graph once, in plain Python over modules;
 `torch.export` runs the model under a fake-tensor and proxy dispatch stack, a Python
-`__torch_function__`/`__torch_dispatch__` round trip per ATen op, plus a symbolised stack trace
-for every node (`_extract_symbolized_tb`, about 10% of export in a cProfile of mobilenet_v3_large),
-which costs 2 to 3 ms per graph node; `ep.module()` (unlifting the parameters) adds 10-15%.
-The eager check run in `capture` (a forward pass to turn a shape error into a clear message) is
-3-20%: skipping it unless export fails would be the cheapest win. The rules themselves cost
-0.05 to 0.2 ms per node. What export buys is listed in `docs/design.md` (Hugging Face 5.x, PyG, meta-device
+`__torch_function__`/`__torch_dispatch__` round trip per ATen op, which costs 1.5 to 3 ms per
+graph node on this machine; `ep.module()` (unlifting the parameters) adds 10-20% on top.
+etp_fx no longer pays for two things it never used: the eager check run (a forward pass that
+turned a shape error into a clear message; it now runs only when export fails, and for lazy
+modules, which need it to get their parameters) and the symbolised Python stack trace torch
+records for every node (`torch.fx.config.do_not_emit_stack_traces` is set during the export;
+etp_fx never reads `node.meta["stack_trace"]`). The rules themselves cost 0.05 to 0.2 ms per
+node. What export buys is listed in `docs/design.md` (Hugging Face 5.x, PyG, meta-device
 models, one ATen vocabulary): TP cannot trace a meta-device model at all (it needs a real
 forward pass and autograd), so the 8B row below has no TP counterpart.
 
-Timings are sensitive to machine load in a way that favours us: under a load average of about 7
-on these 2 CPUs the ratio was about 1.7 (resnet18: 6.7 s against 3.7 s), because TP's time is a
-multi-threaded convolution forward, which suffers most from contention, while export is
-single-threaded Python. The table above was measured on an otherwise idle machine."""
+Timings are sensitive to machine load in a way that favours us: TP's time is a multi-threaded
+convolution forward, which suffers most from contention, while export is single-threaded
+Python. The load average is given above."""
 
 
-def write_markdown(rows: list[dict], big: dict, path: Path, runs: int) -> None:
+def write_markdown(rows: list[dict], big: dict, path: Path, runs: int,
+                   extra_md: str | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     L = [
         "# Trace speed", "",
@@ -205,8 +208,8 @@ def write_markdown(rows: list[dict], big: dict, path: Path, runs: int) -> None:
         f"{load:.1f} at the end), torch {torch.__version__}. CPU only.", "",
         "## etp_fx.trace vs torch-pruning", "",
         f"Median of {runs} runs after a warm-up, ours and torch-pruning's alternating in one "
-        "process (224x224 input, batch 1, random weights). `capture` is the eager check run plus "
-        "`torch.export`; `rules` is the rule table, the layout unification and the groups "
+        "process (224x224 input, batch 1, random weights). `capture` is `torch.export` plus "
+        "`ep.module()`; `rules` is the rule table, the layout unification and the groups "
         "(`build_graph`), each the median of separate runs.", "",
         "| model | etp_fx.trace s | capture s | rules s | TP build_dependency s | ours / TP |",
         "|---|---:|---:|---:|---:|---:|",
@@ -221,10 +224,11 @@ def write_markdown(rows: list[dict], big: dict, path: Path, runs: int) -> None:
               f"{100 * share:.0f}% of our time (median over the models); the rules, the layout "
               "algebra and the groups are the small part.", "",
               "### Where the capture time goes", "",
-              "| model | eager check run s | torch.export s | ep.module() s | ATen nodes | "
-              "export ms / node |", "|---|---:|---:|---:|---:|---:|"]
+              "| model | torch.export, default s | torch.export as etp_fx runs it (no stack "
+              "traces) s | ep.module() s | ATen nodes | export ms / node |",
+              "|---|---:|---:|---:|---:|---:|"]
         for r in rows:
-            L.append(f"| {r['model']} | {r['check']:.3f} | {r['export']:.2f} | "
+            L.append(f"| {r['model']} | {r['export_default']:.2f} | {r['export']:.2f} | "
                      f"{r['module']:.2f} | {r['nodes']} | {1000 * r['export'] / r['nodes']:.1f} |")
         L += ["", _WHY, ""]
     L += ["## Llama-3-8B-shaped model on the meta device", "",
@@ -246,7 +250,7 @@ def write_markdown(rows: list[dict], big: dict, path: Path, runs: int) -> None:
               f"| **etp_fx.trace** | **{big['trace_s']:.1f} s** |",
               f"| of which capture (torch.export), second run | {big['capture_s']:.1f} s |",
               f"| of which rules and groups, second run | {big['rules_s']:.1f} s |",
-              f"| cost model (sympy) first params() | {big['cost_s']:.1f} s |",
+              f"| cost model first params() (built, then evaluated) | {big['cost_s']:.1f} s |",
               f"| RSS before tracing | {big['rss_before_trace_mb']:.0f} MB |",
               f"| **peak RSS** | **{big['peak_rss_mb']:.0f} MB** |", "",
               f"Goal {'met' if ok else 'NOT met'}: {big['trace_s']:.1f} s "
@@ -256,6 +260,8 @@ def write_markdown(rows: list[dict], big: dict, path: Path, runs: int) -> None:
               "present before tracing starts. On the same machine under a load average of "
               "about 6 (other jobs running), the same trace took 42 s with a peak RSS of "
               "1.24 GB.", ""]
+    if extra_md:
+        L += [Path(extra_md).read_text().rstrip(), ""]
     path.write_text("\n".join(L))
 
 
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "trace_speed.md"))
+    ap.add_argument("--extra-md", help="markdown file appended to the report (e.g. before/after)")
     ap.add_argument("--llama-worker", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Llama-8B-shaped trace failed: {big['error']}")
     rows = compare(names, runs)
     if not a.quick:
-        write_markdown(rows, big, Path(a.out), runs)
+        write_markdown(rows, big, Path(a.out), runs, a.extra_md)
         print(f"wrote {a.out}")
     return 0 if "error" not in big else 1
 

@@ -129,6 +129,21 @@ def batch_dynamic_shapes(fn: Any, args: tuple, kwargs: dict) -> dict:
     return spec
 
 
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any):
+    """``torch.export.export`` without recording a Python stack trace for every node: etp_fx
+    never reads ``node.meta["stack_trace"]``, and symbolising one per node costs 10-25% of an
+    export. Messages about a node use its ATen call (``node.format_node()``)."""
+    import torch.fx.config as fx_config
+    before = getattr(fx_config, "do_not_emit_stack_traces", None)
+    if before is None:  # an older torch without the switch
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+    finally:
+        fx_config.do_not_emit_stack_traces = before
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             *, check_inputs: bool = True, dynamic_batch: bool = False) -> fx.GraphModule:
     """Export ``model`` on the example inputs and return the ATen-level graph module.
@@ -146,13 +161,23 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         if isinstance(v, torch.Tensor) and v.device.type == "meta":
             check_inputs = False  # a meta model cannot run eagerly; export still checks shapes
     on_meta = any(p.device.type == "meta" for p in model.parameters())
+    # a lazy module (nn.LazyLinear, ...) gets its parameters on its first call: run it eagerly
+    # first, as always; otherwise the eager run only explains an export failure (below)
+    lazy = any(isinstance(p, torch.nn.parameter.UninitializedParameter)
+               for p in model.parameters()) or any(
+        isinstance(b, torch.nn.parameter.UninitializedBuffer) for b in model.buffers())
     with _eval_mode(model):
-        if check_inputs and not on_meta:
+        if lazy and check_inputs and not on_meta:
             _check_runs(model, args, kwargs)
+            check_inputs = False
         try:
             dyn = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic_batch else None
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+            ep = _export(model, args, kwargs, dyn)
         except Exception as e:  # noqa: BLE001 - re-raised with advice
+            # only now run the model eagerly: when it does not run on these inputs either, the
+            # inputs are wrong, and the eager error names the module (an InputError)
+            if check_inputs and not on_meta:
+                _check_runs(model, args, kwargs)
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
+import weakref
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -14,8 +16,8 @@ from .depgraph import DependencyGraph
 from .fold import FoldError, apply_folds, plan_folds
 from .plan import PlanError, check_model_matches, check_plan, kept_units
 from .rewrite import _flat_inputs, check_shapes, rewrite_module
-from .trace import trace_args
-from .zero import zero_units
+from .trace import structure_of, trace_args
+from .zero import zeroed_slices
 
 __all__ = ["compress", "VerificationError"]
 
@@ -88,7 +90,11 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
         Exactly one: an explicit plan ``{group_id: [unit indices]}``; or a norm threshold; a
         share of units to remove; or the share of MACs / params to keep, in (0, 1].
     graph : DependencyGraph, optional
-        A graph traced from this model, to avoid tracing again.
+        A graph traced from this model, to avoid tracing again. With ``dynamic_batch=False``
+        its capture is reused (no second ``torch.export``) when the model has the module tree
+        and the inputs the shapes it was traced with; otherwise, and for a batch-dynamic
+        result, the model is captured once more (once per graph: later calls reuse it). The
+        weights are always read from ``model`` as it is now.
     verify : bool
         Run the compressed model against the zeroed original and raise
         :class:`VerificationError`, naming the groups, on any difference beyond ``rtol`` of the
@@ -135,7 +141,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     if dynamic_batch:  # export specialises a size of 1: trace a batch of two identical halves
         args, kw = pytree.tree_map_only(
             torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, (args, kw))
-    run = (model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol)
+    base = _base_graph(model, graph, args, kw, dynamic_batch)
+    run = (model, base, graph, plan, args, kw, keep_constants, rtol)
     try:
         return _compress_plan(*run, verify, approximate)
     except VerificationError as e:
@@ -148,30 +155,151 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
         raise VerificationError(f"{e}\n{_culprits(*run)}") from None
 
 
-def _verifies_zeroed_whole(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol) -> bool:
+def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
+                dynamic_batch: bool) -> DependencyGraph:
+    """The capture to rewrite (never modified: each attempt rewrites a copy).
+
+    The user's own trace when it fits (static shapes wanted, traced on inputs of these shapes):
+    no second ``torch.export``. Otherwise (a batch-dynamic result is wanted, or other inputs)
+    the model is captured once more, unzeroed; zeroing is done on copies of that capture."""
+    structure = structure_of(model)
+    if not dynamic_batch and graph._structure == structure and _fits(graph.module, args, kw):
+        return graph
+    flat, spec = pytree.tree_flatten((args, kw))
+    key = (id(model), dynamic_batch, str(spec), tuple(
+        (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v)
+        for v in flat))
+    hit = graph._captures.get(key)
+    if hit is not None and hit[0]() is model and hit[1]._structure == structure \
+            and hit[1].signature == graph.signature:
+        return hit[1]
+    base = trace_args(model, args, kw, dynamic_batch=dynamic_batch)
+    graph._captures.clear()  # one at a time: it holds a graph module
+    graph._captures[key] = (weakref.ref(model), base)
+    return base
+
+
+def _fits(gm: fx.GraphModule, args: tuple, kw: dict) -> bool:
+    """Was ``gm`` captured on inputs of exactly these shapes and dtypes (static shapes)?"""
     try:
-        _compress_plan(model, graph, plan, args, kw, False, dynamic_batch, rtol, True, [])
+        flat = _flat_inputs(gm, args, kw)
+    except Exception:  # noqa: BLE001 - another input structure
+        return False
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(ph) != len(flat):
+        return False
+    for n, v in zip(ph, flat):
+        m = n.meta.get("val")
+        if isinstance(v, torch.Tensor) != isinstance(m, torch.Tensor):
+            return False
+        if isinstance(v, torch.Tensor):
+            if v.dtype != m.dtype or len(v.shape) != len(m.shape) or any(
+                    not isinstance(a, int) or a != b for a, b in zip(m.shape, v.shape)):
+                return False
+    return True
+
+
+def _verifies_zeroed_whole(model, base, graph, plan, args, kw, keep_constants, rtol) -> bool:
+    try:
+        _compress_plan(model, base, graph, plan, args, kw, False, rtol, True, [])
         return True
     except VerificationError:
         return False
 
 
-def _compress_plan(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol, verify,
+def _compress_plan(model, base, graph, plan, args, kw, keep_constants, rtol, verify,
                    approximate):
-    work = copy.deepcopy(model)
-    zero_units(work, graph, plan, keep_constants=keep_constants)
-    g2 = trace_args(work, args, kw, dynamic_batch=dynamic_batch)
+    """Zero the plan's units in a copy of the capture ``base`` (weights from ``model``), then
+    rewrite that copy: the zeroed original is the copy before the rewrite."""
+    gm = _working_copy(base.module, model)
+    params = dict(gm.named_parameters(remove_duplicate=False))  # tied names too
+    with torch.no_grad():
+        for name, dim, idx in zeroed_slices(base, plan, keep_constants, params):
+            params[name].index_fill_(dim, idx, 0.0)
+    g2 = dataclasses.replace(base, module=gm, _cost=None)
     return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol)
 
 
-def _culprits(model, graph, plan, args, kw, keep_constants, dynamic_batch, rtol,
-              limit: int = 32) -> str:
+def _working_copy(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule:
+    """A copy of the exported module ``gm`` that can be zeroed and rewritten in place: its own
+    graph (the nodes' ``meta`` copied shallowly, so layouts are shared), its own module tree,
+    and its own copy of every parameter and buffer, taken from ``model`` under the same name
+    (the weights to compress, as they are now), else from ``gm``. Tied tensors stay tied.
+    Much cheaper than ``copy.deepcopy`` (which also copies every node's fake tensor)."""
+    src = dict(model.named_parameters(remove_duplicate=False))
+    src.update(model.named_buffers(remove_duplicate=False))
+    clones: dict[int, torch.Tensor] = {}
+
+    def clone(name: str, t: torch.Tensor) -> torch.Tensor:
+        s = src.get(name)
+        if s is None or s.shape != t.shape or s.dtype != t.dtype:
+            s = t
+        if id(s) not in clones:
+            c = s.detach().clone()
+            if isinstance(t, torch.nn.Parameter):
+                c = torch.nn.Parameter(c, requires_grad=t.requires_grad)
+            clones[id(s)] = c
+        return clones[id(s)]
+
+    def has_state(m: torch.nn.Module) -> bool:
+        return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+
+    def copy_module(m: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        if isinstance(m, fx.GraphModule) and prefix:
+            if has_state(m):
+                raise _NoCopy
+            return m  # a stateless graph (the input guards): shared
+        if prefix:
+            new = m.__class__.__new__(m.__class__)
+            new.__dict__.update(m.__dict__)
+        else:
+            cls = next(c for c in type(m).__mro__ if c.__name__ != "GraphModuleImpl")
+            new = fx.GraphModule.__new__(cls)  # its own class: forward lives on the class
+            new.__dict__.update(m.__dict__)
+            new.meta = dict(m.meta)
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if hooks in m.__dict__:
+                new.__dict__[hooks] = type(m.__dict__[hooks])(m.__dict__[hooks])
+        new._parameters = {k: None if v is None else clone(prefix + k, v)
+                           for k, v in m._parameters.items()}
+        new._buffers = {k: None if v is None else clone(prefix + k, v)
+                        for k, v in m._buffers.items()}
+        new._modules = {k: None if c is None else (copy_module(c, f"{prefix}{k}.")
+                                                   if has_state(c) or isinstance(c, fx.GraphModule)
+                                                   else c)
+                        for k, c in m._modules.items()}
+        for k, v in m.__dict__.items():  # plain tensor attributes (lifted constants)
+            if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
+                new.__dict__[k] = clone(prefix + k, v)
+        return new
+
+    try:
+        new = copy_module(gm, "")
+    except _NoCopy:
+        new = copy.deepcopy(gm)
+        with torch.no_grad():
+            for name, t in list(new.named_parameters(remove_duplicate=False)) + \
+                    list(new.named_buffers(remove_duplicate=False)):
+                s = src.get(name)
+                if s is not None and s.shape == t.shape and s.dtype == t.dtype:
+                    t.copy_(s)
+        return new
+    new.graph = copy.deepcopy(gm.graph)  # the setter recompiles into new's own class
+    return new
+
+
+class _NoCopy(Exception):
+    pass
+
+
+def _culprits(model, base, graph, plan, args, kw, keep_constants, rtol, limit: int = 32) -> str:
     """Compress each group alone to name the ones that break verification."""
     bad = []
     for gid in list(plan)[:limit]:
         try:
-            _compress_plan(model, graph, {gid: plan[gid]}, args, kw, keep_constants,
-                           dynamic_batch, rtol, True, [])
+            _compress_plan(model, base, graph, {gid: plan[gid]}, args, kw, keep_constants,
+                           rtol, True, [])
         except VerificationError:
             bad.append(gid)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
@@ -190,18 +318,26 @@ def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str
                                f"etp_fx cannot compress it safely")
     keep = kept_units(g2, plan)
     group_of = {g2[gid].uid: gid for gid in plan}
-    with torch.no_grad():
-        reference = gm(*args, **kw) if verify else None
-    folds = plan_folds(gm, keep, group_of, args, kw)
+    # two forward passes in all: the zeroed original's (planning the folds, when there are any,
+    # records its output as the reference) and the rewritten module's (checking every node's
+    # shape, its output is the one verified)
+    ran: list = []
+    folds = plan_folds(gm, keep, group_of, args, kw, outputs=ran)
+    reference = None
+    if verify:
+        if ran:
+            reference = ran[0]
+        else:
+            with torch.no_grad():
+                reference = gm(*args, **kw)
+    del ran
     widths = {gid: g2[gid].size - len(units) for gid, units in plan.items()}
     rewrite_module(gm, keep)
     fold_lines = apply_folds(gm, folds, keep)
     with torch.no_grad():
-        check_shapes(gm, keep, args, kw)
+        got = check_shapes(gm, keep, args, kw)
     report = _report(graph, g2, plan, widths, gm, fold_lines)
     if verify:
-        with torch.no_grad():
-            got = gm(*args, **kw)
         report["max_abs_diff"], report["output_scale"] = _compare(reference, got)
         bad = report["max_abs_diff"] > rtol * max(report["output_scale"], 1e-12)
         if bad and not approximate:

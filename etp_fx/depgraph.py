@@ -35,6 +35,7 @@ class Member:
 
     @property
     def role(self) -> str:
+        """The member's main role, for display: out, in, affine, bias, stat or elementwise."""
         for r in ("out", "in", "affine", "bias", "stat", "elementwise"):
             if r in self.roles:
                 return r
@@ -71,6 +72,7 @@ class ChannelGroup:
 
     @property
     def uid(self) -> int:
+        """The id of the group's axis in the layout algebra (stable within one trace)."""
         return self.axis.uid
 
 
@@ -85,6 +87,12 @@ class DependencyGraph:
     param_names: frozenset[str]
     signature: tuple
     _cost: Any = field(default=None, repr=False)
+    # captures of the same model that compress() made for other input shapes or a dynamic
+    # batch, keyed by (id of the model, dynamic_batch, input shapes): one export per key
+    _captures: dict = field(default_factory=dict, repr=False, compare=False)
+    # the traced model's module tree, (name, class) per module: compress() reuses this
+    # graph's capture only for a model with the same tree (empty: unknown, never reused)
+    _structure: tuple = field(default=(), repr=False, compare=False)
 
     def __getitem__(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -93,6 +101,7 @@ class DependencyGraph:
         raise KeyError(_unknown_group(gid, self))
 
     def group_of(self, gid: str) -> ChannelGroup:
+        """The group with id ``gid`` (the same as ``graph[gid]``)."""
         return self[gid]
 
     @property
@@ -104,14 +113,19 @@ class DependencyGraph:
         return self._cost
 
     def summary(self, max_rows: int | None = None) -> str:
+        """A text table of the groups (id, units, kind, exactness, members), then barriers and
+        frozen channels with their reasons; ``max_rows`` caps the group rows."""
         from .report import summary_table
         return summary_table(self, max_rows=max_rows)
 
     def to_networkx(self) -> nx.Graph:
+        """A bipartite networkx graph: one node per group and one per parameter, an edge for
+        each parameter dim that holds the group's units."""
         from .report import group_networkx
         return group_networkx(self)
 
     def to_dot(self) -> str:
+        """The group graph in Graphviz DOT format."""
         from .report import to_dot
         return to_dot(self)
 

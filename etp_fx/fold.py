@@ -52,8 +52,12 @@ def _removed(t, keep) -> list[int]:
 
 
 def plan_folds(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], group_of: Mapping[int, str],
-               args: tuple, kwargs: dict, rtol: float = 1e-6) -> list[Fold]:
-    """Run the full-width (zeroed) module once and compute every consumer's contribution."""
+               args: tuple, kwargs: dict, rtol: float = 1e-6,
+               outputs: list | None = None) -> list[Fold]:
+    """Run the full-width (zeroed) module once and compute every consumer's contribution.
+
+    When the module runs (there is something to fold) and ``outputs`` is a list, the run's
+    output is appended to it, so the caller need not run the module again."""
     todo = []
     for node in gm.graph.nodes:
         rule = lookup(node) if node.op == "call_function" else None
@@ -70,7 +74,9 @@ def plan_folds(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], group_of: 
         return []
     rec = _Recorder(gm, {n.name for n, *_ in todo} | {x.name for _, _, x, _, _ in todo})
     with torch.no_grad():
-        rec.run(*_flat_inputs(gm, args, kwargs))
+        out = rec.run(*_flat_inputs(gm, args, kwargs))
+    if outputs is not None:
+        outputs.append(out)
     folds = []
     for node, spec, x, d, rem in todo:
         f = _one_fold(gm, node, spec, x, d, rem, rec.values, group_of, rtol)

@@ -8,7 +8,7 @@ import torch
 from .capture import capture, normalize_inputs
 from .depgraph import DependencyGraph, build_graph
 
-__all__ = ["trace", "trace_args", "signature_of"]
+__all__ = ["trace", "trace_args", "signature_of", "structure_of"]
 
 
 def signature_of(model: torch.nn.Module) -> tuple:
@@ -49,5 +49,13 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
 def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
                dynamic_batch: bool = False) -> DependencyGraph:
     """:func:`trace` on already normalised positional and keyword inputs."""
-    return build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch),
-                       signature_of(model))
+    g = build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch),
+                    signature_of(model))
+    g._structure = structure_of(model)
+    return g
+
+
+def structure_of(model: torch.nn.Module) -> tuple:
+    """The module tree, ``(qualified name, class)`` per module: what a capture must match to
+    stand for a model's code (parameters alone do not tell a ReLU from a GELU)."""
+    return tuple((n, type(m).__module__, type(m).__qualname__) for n, m in model.named_modules())

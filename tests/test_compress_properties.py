@@ -18,6 +18,15 @@ from oracle import check_oracle
 from strategies import architectures, removal_plan
 
 EXAMPLES = int(os.environ.get("ETP_FX_ORACLE_EXAMPLES", "0")) or None
+# ETP_FX_ORACLE_COUNTER=path: one line per example run (and its outcome), so that a long soak
+# shows how many examples it has actually run
+COUNTER = os.environ.get("ETP_FX_ORACLE_COUNTER")
+
+
+def _count(what: str) -> None:
+    if COUNTER:
+        with open(COUNTER, "a") as f:
+            f.write(what + "\n")
 
 
 @settings(max_examples=EXAMPLES or settings().max_examples * 5 if os.environ.get(
@@ -28,15 +37,25 @@ def test_compress_matches_zeroed_original(arch, data):
     g = etp_fx.trace(model, x)
     plan = removal_plan(data.draw, g)
     if not plan:
+        _count("empty")
         return  # nothing prunable in this architecture: the graph tests cover it
     keep_constants = data.draw(st.booleans(), label="keep_constants")
+    # a static result reuses the trace's capture; a batch-dynamic one captures again
+    dynamic_batch = data.draw(st.booleans(), label="dynamic_batch")
     try:
-        check_oracle(model, x, plan=plan, keep_constants=keep_constants)
+        check_oracle(model, x, plan=plan, keep_constants=keep_constants,
+                     dynamic_batch=dynamic_batch)
     except etp_fx.fold.FoldError:
         # with kept constants, a removed unit may carry an input-dependent value into a weight
         # (a query head whose shared values still flow): compress must refuse, never guess;
         # with everything zeroed this cannot happen
+        _count("folderror")
         assert keep_constants
+    except BaseException:
+        _count("fail")
+        raise
+    else:
+        _count("ok")
 
 
 @given(arch=architectures(), data=st.data())
