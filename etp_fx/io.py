@@ -68,7 +68,9 @@ def _container_types(ep: torch.export.ExportedProgram) -> set[str]:
         name = node.serialized_type_name if node is not None else None
         if name and not name.startswith(("builtins.", "collections.", "torch.")):
             names.add(name)
-        stack.extend(spec.children_specs)
+        # children() in current torch; children_specs (deprecated there) in older releases
+        stack.extend(spec.children() if callable(getattr(spec, "children", None))
+                     else spec.children_specs)
     return names
 
 
