@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import traceback
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+
+from .fxcapture import fast_capture
 
 __all__ = ["TraceError", "InputError", "capture", "normalize_inputs"]
 
@@ -145,8 +148,14 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any):
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            *, check_inputs: bool = True, dynamic_batch: bool = False) -> fx.GraphModule:
+            *, check_inputs: bool = True, dynamic_batch: bool = False,
+            method: str = "auto") -> fx.GraphModule:
     """Export ``model`` on the example inputs and return the ATen-level graph module.
+
+    ``method="auto"`` first tries the fast path (:mod:`etp_fx.fxcapture`: ``symbolic_trace``
+    lowered to the same ATen calls, for models built from the modules and functions it
+    knows) and uses ``torch.export`` for everything else; ``"export"`` always exports. The
+    environment variable ``ETP_FX_CAPTURE=export`` forces export everywhere.
 
     Parameters live in the returned module under their original qualified names (as
     ``get_attr`` nodes); every node carries ``meta["val"]``, a fake tensor with its shape.
@@ -166,7 +175,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     lazy = any(isinstance(p, torch.nn.parameter.UninitializedParameter)
                for p in model.parameters()) or any(
         isinstance(b, torch.nn.parameter.UninitializedBuffer) for b in model.buffers())
+    if method not in ("auto", "export"):
+        raise ValueError(f"capture method must be 'auto' or 'export', got {method!r}")
+    fallback = "ETP_FX_CAPTURE=export" if os.environ.get("ETP_FX_CAPTURE") == "export" else (
+        "method='export'" if method == "export" else "meta-device parameters" if on_meta
+        else "lazy modules" if lazy else None)
     with _eval_mode(model):
+        if fallback is None:
+            gm, fallback = fast_capture(model, args, kwargs, dynamic_batch=dynamic_batch)
+            if gm is not None:
+                return gm
         if lazy and check_inputs and not on_meta:
             _check_runs(model, args, kwargs)
             check_inputs = False
@@ -187,5 +205,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                 f"torch.library custom op and register an etp_fx rule for it "
                 f"(docs/rules.md).") from e
     gm = ep.module()
-    # the guard call checks input shapes at run time; it has no tensors and no channels
+    gm.meta["etp_capture"] = "export"
+    gm.meta["etp_capture_fast_path"] = fallback  # why the fast path was not taken
     return gm

@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import normalize_inputs
+from .fxcapture import check_capture
 from .depgraph import DependencyGraph
 from .fold import FoldError, apply_folds, plan_folds
 from .plan import PlanError, check_model_matches, check_plan, kept_units
@@ -138,13 +139,13 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
                         f"allow_approximate=True to accept that")
     if keep_constants is None:
         keep_constants = remove is None
-    if dynamic_batch:  # export specialises a size of 1: trace a batch of two identical halves
-        args, kw = pytree.tree_map_only(
-            torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, (args, kw))
+    if dynamic_batch and not _batch_generic(graph, model, args, kw):
+        # export specialises a size of 1: trace a batch of two identical halves
+        args, kw = _batch_of_two(args, kw)
     base = _base_graph(model, graph, args, kw, dynamic_batch)
     run = (model, base, graph, plan, args, kw, keep_constants, rtol)
     try:
-        return _compress_plan(*run, verify, approximate)
+        small = _compress_plan(*run, verify, approximate)
     except VerificationError as e:
         if keep_constants and _verifies_zeroed_whole(*run):
             raise FoldError(
@@ -153,6 +154,15 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
                 f"activations), so removing them would change the result ({e}). Zero the units "
                 f"whole (keep_constants=False), or train their biases to zero first.") from None
         raise VerificationError(f"{e}\n{_culprits(*run)}") from None
+    if dynamic_batch:  # save() exports at these inputs: a batch of 1 would be specialised
+        small.meta["etp_example_inputs"] = _batch_of_two(*small.meta["etp_example_inputs"])
+    return small
+
+
+def _batch_of_two(args: tuple, kw: dict) -> tuple[tuple, dict]:
+    """Inputs whose batch of 1 is repeated to 2 (torch.export specialises a size of 1)."""
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, (args, kw))
 
 
 def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
@@ -160,23 +170,43 @@ def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
     """The capture to rewrite (never modified: each attempt rewrites a copy).
 
     The user's own trace when it fits (static shapes wanted, traced on inputs of these shapes):
-    no second ``torch.export``. Otherwise (a batch-dynamic result is wanted, or other inputs)
-    the model is captured once more, unzeroed; zeroing is done on copies of that capture."""
+    no second capture. Otherwise (a batch-dynamic result is wanted, or other inputs) the model
+    is captured once more, unzeroed; zeroing is done on copies of that capture. A fast-path
+    capture (:mod:`etp_fx.fxcapture`) is first run against the model on the inputs; if they
+    disagree, the model is exported instead."""
     structure = structure_of(model)
-    if not dynamic_batch and graph._structure == structure and _fits(graph.module, args, kw):
-        return graph
+    if (not dynamic_batch or _batch_generic(graph, model, args, kw)) and \
+            graph._structure == structure and _fits(graph.module, args, kw):
+        base = graph
+    else:
+        base = _cached_capture(model, graph, args, kw, dynamic_batch, "auto")
+    if check_capture(base.module, model, args, kw) is None:
+        return base
+    return _cached_capture(model, graph, args, kw, dynamic_batch, "export")
+
+
+def _cached_capture(model, graph: DependencyGraph, args: tuple, kw: dict, dynamic_batch: bool,
+                    method: str) -> DependencyGraph:
+    """A capture of ``model`` for these inputs, remembered on ``graph`` (one at a time)."""
     flat, spec = pytree.tree_flatten((args, kw))
-    key = (id(model), dynamic_batch, str(spec), tuple(
+    key = (id(model), dynamic_batch, method, str(spec), tuple(
         (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v)
         for v in flat))
     hit = graph._captures.get(key)
-    if hit is not None and hit[0]() is model and hit[1]._structure == structure \
+    if hit is not None and hit[0]() is model and hit[1]._structure == structure_of(model) \
             and hit[1].signature == graph.signature:
         return hit[1]
-    base = trace_args(model, args, kw, dynamic_batch=dynamic_batch)
+    base = trace_args(model, args, kw, dynamic_batch=dynamic_batch, method=method)
     graph._captures.clear()  # one at a time: it holds a graph module
     graph._captures[key] = (weakref.ref(model), base)
     return base
+
+
+def _batch_generic(graph: DependencyGraph, model, args: tuple, kw: dict) -> bool:
+    """Is the user's trace a capture that holds for any batch size, of this model, on inputs
+    of these shapes? Then it serves a batch-dynamic result as it is (no second capture)."""
+    return bool(graph.module.meta.get("etp_batch_generic")) and \
+        graph._structure == structure_of(model) and _fits(graph.module, args, kw)
 
 
 def _fits(gm: fx.GraphModule, args: tuple, kw: dict) -> bool:

@@ -17,7 +17,7 @@ def signature_of(model: torch.nn.Module) -> tuple:
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, *,
-          kwargs: Mapping[str, Any] | None = None) -> DependencyGraph:
+          kwargs: Mapping[str, Any] | None = None, capture: str = "auto") -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and build its coupled-channel dependency graph.
 
     Parameters
@@ -29,6 +29,11 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
         One input tensor, a tuple of positional inputs, or a dict of keyword inputs.
     kwargs : dict, optional
         Extra keyword inputs.
+    capture : {"auto", "export"}
+        How the ATen graph is captured: ``"auto"`` lowers ``torch.fx.symbolic_trace`` output
+        where every module and function is one the fast path knows (most CNNs; several
+        times faster) and uses ``torch.export`` otherwise; ``"export"`` always exports. Both
+        give the same graph (``docs/design.md``).
 
     Returns
     -------
@@ -43,13 +48,13 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
     [('0.weight[0]', 8)]
     """
     args, kw = normalize_inputs(example_inputs, kwargs)
-    return trace_args(model, args, kw)
+    return trace_args(model, args, kw, method=capture)
 
 
 def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
-               dynamic_batch: bool = False) -> DependencyGraph:
+               dynamic_batch: bool = False, method: str = "auto") -> DependencyGraph:
     """:func:`trace` on already normalised positional and keyword inputs."""
-    g = build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch),
+    g = build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch, method=method),
                     signature_of(model))
     g._structure = structure_of(model)
     return g

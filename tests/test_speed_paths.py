@@ -119,7 +119,12 @@ def test_other_input_shapes_are_traced_again():
         torch.testing.assert_close(small(x), zeroed(x), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_compress_exports_once_per_graph(monkeypatch):
+@pytest.mark.parametrize("method,exports", [("export", 1), ("auto", 0)])
+def test_dynamic_compress_exports_at_most_once_per_graph(monkeypatch, method, exports):
+    """Through export, the batch-dynamic capture is made once and reused; through the fast
+    path, the user's trace already holds for any batch: no export at all."""
+    if method == "export":
+        monkeypatch.setenv("ETP_FX_CAPTURE", "export")
     net, x = _net(), torch.randn(1, 3, 8, 8)
     g = etp_fx.trace(net, x)
     ex = _Exports(monkeypatch)
@@ -127,7 +132,7 @@ def test_dynamic_compress_exports_once_per_graph(monkeypatch):
         small = etp_fx.compress(net, x, remove=random_plan(g, frac), graph=g)
         with torch.no_grad():
             assert small(torch.randn(5, 3, 8, 8)).shape == (5, 4)
-    assert ex.n == 1
+    assert ex.n == exports
 
 
 def test_tied_weights_on_the_reused_capture():
