@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
-from .layout import Axis, Prod, Term, freeze, leaves, resolve, unify
+from .layout import Axis, Prod, Term, freeze, leaves, resolve, size_of, unify
 from .rules.table import RuleContext, lookup
 
 __all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
@@ -236,10 +236,21 @@ def _barrier(node: fx.Node, dims_of, barriers: list[str], why: str) -> None:
 
 def _coords(t: Term, leaf: Axis) -> list[int]:
     """For each index of a dim with layout ``t``: the coordinate of ``leaf`` there, or -1."""
-    t = resolve(t)
+    return _resolved_coords(resolve(t), leaf)
+
+
+def _holds(t: Term, leaf: Axis) -> bool:
+    """Does the normal-form layout ``t`` contain ``leaf``?"""
+    return t is leaf if isinstance(t, Axis) else any(_holds(p, leaf) for p in t.parts)
+
+
+def _resolved_coords(t: Term, leaf: Axis) -> list[int]:
+    # t is in normal form, and so are its parts: no resolving on the way down (a densenet
+    # concat is a Cat of dozens of parts, met once per member of every group)
     if isinstance(t, Axis):
         return list(range(t.size)) if t is leaf else [-1] * t.size
-    parts = [_coords(p, leaf) for p in t.parts]
+    parts = [_resolved_coords(p, leaf) if _holds(p, leaf) else [-1] * size_of(p)
+             for p in t.parts]
     if not isinstance(t, Prod):
         return [c for p in parts for c in p]
     out = [-1]
