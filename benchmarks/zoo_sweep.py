@@ -659,9 +659,10 @@ kv-head group (q, k, v rows and o_proj columns), a query-heads-per-kv-head group
 columns) and a RoPE group shared by q and k of every layer (cos/sin are computed once).
 T5's relative position bias is computed in layer 0 and added in every layer, which couples the
 heads of all encoder (decoder) layers into one group. The GAT with PyG's default
-`GATConv(add_self_loops=True)` fails in `depgraph._fresh_dims`: removing existing self loops
-uses a boolean mask, so the edge count is an unbacked (data-dependent) size that cannot be
-turned into an `int`. With `add_self_loops=False` conv1's 4 heads and 8 head-dims are groups.
+`GATConv(add_self_loops=True)` first removes existing self loops with a boolean mask, so the
+edge count is a data-dependent (unbacked) size in the exported graph; the dims of that size
+are frozen (`data-dependent size u0`) and conv1's 4 heads and 8 head-dims are groups, as with
+`add_self_loops=False`.
 
 **Rule fixes made during this sweep** (`etp_fx/rules/aten.py`):
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .layout import Axis, Prod, Term, freeze, leaves, resolve, size_of, unify
-from .rules.table import RuleContext, lookup
+from .rules.table import RuleContext, data_dependent, lookup, size_value
 
 __all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
 
@@ -143,12 +143,21 @@ def _unknown_group(gid: str, g: DependencyGraph) -> str:
 
 # --- building ----------------------------------------------------------------------------------
 
+def _axis(s: Any, name: str) -> Axis:
+    """A fresh axis for one dim of size ``s``; a data-dependent size (an unbacked SymInt)
+    gets a stand-in width and is frozen."""
+    a = Axis(size_value(s), name)
+    if data_dependent(s):
+        freeze([a], f"data-dependent size {s.node.expr} at {name}")
+    return a
+
+
 def _fresh_dims(node: fx.Node) -> Any:
     v = node.meta.get("val")
     if isinstance(v, torch.Tensor):
-        return [Axis(int(s), node.name) for s in v.shape]
+        return [_axis(s, node.name) for s in v.shape]
     if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
-        return tuple([Axis(int(s), node.name) for s in t.shape] for t in v)
+        return tuple([_axis(s, node.name) for s in t.shape] for t in v)
     return None
 
 

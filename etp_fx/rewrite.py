@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .layout import Term, kept_indices, new_size
-from .rules.table import lookup
+from .rules.table import data_dependent, lookup
 
 __all__ = ["RewriteError", "RewriteContext", "rewrite_module", "slice_tensor", "check_shapes"]
 
@@ -141,6 +141,9 @@ class _ShapeCheck(fx.Interpreter):
         dims = n.meta.get("etp_dims")
         if isinstance(out, torch.Tensor) and isinstance(dims, list):
             want = [self.r.size(t) for t in dims]
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor):  # data-dependent sizes have no layout width
+                want = [o if data_dependent(v) else w for o, v, w in zip(out.shape, val.shape, want)]
             if list(out.shape) != want:
                 raise RewriteError(f"rewritten node {n.format_node()} has shape "
                                    f"{list(out.shape)}, but its layout says {want}. This is an "

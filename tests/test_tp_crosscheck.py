@@ -28,9 +28,6 @@ from pathlib import Path
 
 import pytest
 
-# torch-pruning calls torch.jit.script, deprecated in this torch: its warning, not ours
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import etp_fx  # noqa: E402

@@ -434,6 +434,15 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
+@rule(*aten_ops("sym_size", "sym_numel"))
+def sym_size(ctx: RuleContext, node: fx.Node) -> None:
+    # n = x.size(d): a number, whatever uses it keeps it; so the dim read is frozen (in
+    # practice a batch or data-dependent size, never a channel) and the others stay free
+    xd = ctx.dims(node.args[0]) or []
+    read = xd if len(node.args) < 2 else [xd[_dim(node.args[1], len(xd))]]
+    ctx.freeze(read, f"its size is read at {ctx.where()}")
+
+
 @rule(*aten_ops("sum", "nansum"))
 def sum_(ctx: RuleContext, node: fx.Node) -> None:
     # y = sum over dims: zero units add nothing, so removal is exact

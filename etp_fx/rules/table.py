@@ -107,6 +107,31 @@ def lookup(node: fx.Node) -> Rule | None:
 
 # --- the context a rule sees -------------------------------------------------------------------
 
+# the stand-in width of a data-dependent (unbacked) size, e.g. the edge count after a boolean
+# mask: any value works as long as one symbol always gets the same one (depgraph freezes the
+# dims that have such a size)
+UNBACKED_WIDTH = 8191
+
+
+def data_dependent(s: Any) -> bool:
+    """Is ``s`` a size no example fixes (an unbacked SymInt, as after a boolean mask)?"""
+    if isinstance(s, int):
+        return False
+    known = getattr(s.node.shape_env, "backed_var_to_val", None) or {}
+    return bool(s.node.expr.free_symbols - set(known))
+
+
+def size_value(s: Any) -> int:
+    """An int for a size: itself, a symbolic size's hint (a dynamic batch), or for a
+    data-dependent size the value it takes with every unbacked symbol at ``UNBACKED_WIDTH``."""
+    try:
+        return int(s)
+    except Exception:  # noqa: BLE001 - an unbacked SymInt has no value to give
+        expr, env = s.node.expr, s.node.shape_env
+        known = getattr(env, "backed_var_to_val", None) or {}
+        return int(expr.subs({x: known.get(x, UNBACKED_WIDTH) for x in expr.free_symbols}))
+
+
 @dataclass
 class RuleContext:
     """What a rule may do: read the layouts of tensors, state couplings, tag parameter dims."""
@@ -136,7 +161,7 @@ class RuleContext:
 
     def shape(self, x: Any) -> tuple[int, ...] | None:
         v = x.meta.get("val") if isinstance(x, fx.Node) else None
-        return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+        return tuple(size_value(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
     # stating
     def same(self, a: Term, b: Term) -> bool:
