@@ -180,8 +180,11 @@ def write_report(rows: list[dict], out: Path, argv_text: str, wall_s: float, arg
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; wall time {wall_s / 60:.1f} min. "
         "The machine is shared with other jobs (2 cores), so absolute latencies are noisy; the "
         "variants of one (model, batch, mode) were timed interleaved, round-robin, and the ratios "
-        "are what counts. `OMP_WAIT_POLICY=PASSIVE` is set: on an oversubscribed CPU, spinning "
-        "OpenMP threads made a resnet50 forward 10x slower.",
+        f"are what counts. `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}` "
+        "(the benchmarks default to PASSIVE: on an oversubscribed CPU, spinning OpenMP threads "
+        "made a resnet50 forward 10x slower; on an idle machine ACTIVE is faster, and the "
+        "fixed cost per op that PASSIVE adds, waking the threads, lowers the efficiency of the "
+        "small compressed models).",
         "",
         "- plan: L1 norm of each unit's `out` slices, the lowest fraction `f` of every exact group "
         "removed, `f` bisected on the cost model to reach the MACs target"
