@@ -150,3 +150,25 @@ def test_expand_as_through_normalize():
             return self.b(nn.functional.normalize(self.a(x), dim=0))
 
     check_oracle(M(), torch.randn(2, 8))
+
+
+def test_float32_rounding_is_told_apart_from_a_real_difference():
+    # a LayerNorm over two features amplifies float32 rounding (its output is about
+    # (a - b) / |a - b|): with a tolerance below that noise, the float32 check fails, the
+    # float64 rerun shows the two models agree, and the model is returned with both numbers
+    class TwoFeatureNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.mix = nn.Linear(4, 16), nn.Linear(16, 2)
+            self.norm, self.head = nn.LayerNorm(2, elementwise_affine=False), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.mix(torch.tanh(self.fc(x)))))
+
+    torch.manual_seed(0)
+    m, x = TwoFeatureNorm().eval(), torch.randn(3, 4)
+    g = etp_fx.trace(m, x)
+    small = etp_fx.compress(m, x, remove={g.groups[0].id: [1, 5, 9]}, graph=g, rtol=1e-12)
+    report = small.meta["etp_report"]
+    if report["max_abs_diff"] > 1e-12 * report["output_scale"]:  # float32 noise was there
+        assert report["float64_rel_diff"] < 1e-9
