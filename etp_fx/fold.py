@@ -144,7 +144,10 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: Mapping[int, Sequen
             lines.append(f"{f.node}: constants of {', '.join(f.groups)} folded into the bias")
         else:
             name = f"_etp_fold_{i}"
-            batch_const = C[:1] if C.dim() > 1 and torch.equal(C, C[:1].expand_as(C)) else C
+            # one map for every batch element: the constants do not depend on the input, so
+            # the rows agree up to rounding (a BLAS may round two identical rows apart); a map
+            # with the traced batch size would broadcast a batch of 1 up to it
+            batch_const = C[:1] if C.dim() > 1 and _rows_agree(C) else C
             # a copy with its own storage: C[:1] is a view that would keep all of C alive
             gm.register_buffer(name, batch_const.clone(memory_format=torch.contiguous_format))
             with gm.graph.inserting_after(node):
@@ -159,6 +162,12 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: Mapping[int, Sequen
     gm.graph.lint()
     gm.recompile()
     return lines
+
+
+def _rows_agree(C: torch.Tensor) -> bool:
+    """Is ``C`` the same along dim 0, up to float rounding?"""
+    scale = float(C.abs().max()) or 1.0
+    return float((C - C[:1]).abs().max()) <= 1e-6 * scale
 
 
 def _constant_except(C: torch.Tensor, d: int) -> torch.Tensor | None:

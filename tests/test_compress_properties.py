@@ -5,6 +5,7 @@ compress(m, x, remove=S)(x) == zero_units(copy(m), g, S)(x) (to 1e-5 of the outp
 params drop exactly as the cost model predicts, and removing every unit of a group is refused.
 CI runs the ``ci`` profile; ``HYPOTHESIS_PROFILE=soak`` runs 10,000 examples.
 """
+import copy
 import os
 
 import pytest
@@ -68,3 +69,24 @@ def test_removing_every_unit_is_refused(arch, data):
     with pytest.raises(etp_fx.PlanError, match="keep at least one unit"):
         etp_fx.compress(arch.model, arch.x, remove={grp.id: list(range(grp.size))}, graph=g,
                         allow_approximate=True)
+
+
+def test_soak_finding_fold_map_holds_for_every_batch():
+    """Found by the 10,000-example soak: a kept bias folded through a matmul with a raw weight
+    (no bias to fold into) becomes a constant map; its rows, identical in exact arithmetic,
+    differed by rounding, so the map kept the traced batch of 2 and broadcast a batch of 1 up
+    to 2. The map must be one row, whatever the batch."""
+    from strategies import B, Spec, build
+    arch = build(Spec("token", input_shape=(1, 5), seed=3093, ids=12, blocks=[
+        B("embed", vocab=12, out=15, c_out=15),
+        B("linear", out=11, act="silu", bias=True, c_out=11),
+        B("raw", op="matmul", out=10, act="relu", c_out=10),
+        B("head", head="mean_linear", classes=2),
+    ]))
+    model, x = arch[0].eval(), arch[1]
+    plan = {"blocks.0.emb.weight[1]": [0], "blocks.1.fc.weight[0]": [6], "blocks.2.weight[1]": [0]}
+    small, g, _ = check_oracle(model, x, plan=plan, keep_constants=True, dynamic_batch=True)
+    zeroed = etp_fx.zero_units(copy.deepcopy(model), g, plan, keep_constants=True)
+    x3 = torch.cat([x, x.flip(1), x])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x3), zeroed(x3), rtol=1e-5, atol=1e-5)
