@@ -49,6 +49,9 @@ def _worker(rank, world, port, out):
             torch.save({"loss": loss / world,
                         "grads": {n: p.grad for n, p in model.named_parameters()}}, out)
     finally:
+        # both ranks leave together: a rank that tears gloo down while the other is still in
+        # a collective can abort the process ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
