@@ -142,10 +142,11 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
                         f"allow_approximate=True to accept that")
     if keep_constants is None:
         keep_constants = remove is None
-    if dynamic_batch and not _batch_generic(graph, model, args, kw):
-        # export specialises a size of 1: trace a batch of two identical halves
+    # a trace that holds for any batch size serves a batch-dynamic result as it is
+    dynamic_capture = dynamic_batch and not _batch_generic(graph, model, args, kw)
+    if dynamic_capture:  # export specialises a size of 1: trace a batch of two identical halves
         args, kw = _batch_of_two(args, kw)
-    base = _base_graph(model, graph, args, kw, dynamic_batch)
+    base = _base_graph(model, graph, args, kw, dynamic_capture)
     run = (model, base, graph, plan, args, kw, keep_constants, rtol)
     try:
         small = _compress_plan(*run, verify, approximate)
@@ -169,7 +170,7 @@ def _batch_of_two(args: tuple, kw: dict) -> tuple[tuple, dict]:
 
 
 def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
-                dynamic_batch: bool) -> DependencyGraph:
+                dynamic_capture: bool) -> DependencyGraph:
     """The capture to rewrite (never modified: each attempt rewrites a copy).
 
     The user's own trace when it fits (static shapes wanted, traced on inputs of these shapes):
@@ -177,15 +178,14 @@ def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
     is captured once more, unzeroed; zeroing is done on copies of that capture. A fast-path
     capture (:mod:`etp_fx.fxcapture`) is first run against the model on the inputs; if they
     disagree, the model is exported instead."""
-    structure = structure_of(model)
-    if (not dynamic_batch or _batch_generic(graph, model, args, kw)) and \
-            graph._structure == structure and _fits(graph.module, args, kw):
+    if not dynamic_capture and graph._structure == structure_of(model) and \
+            _fits(graph.module, args, kw):
         base = graph
     else:
-        base = _cached_capture(model, graph, args, kw, dynamic_batch, "auto")
+        base = _cached_capture(model, graph, args, kw, dynamic_capture, "auto")
     if check_capture(base.module, model, args, kw) is None:
         return base
-    return _cached_capture(model, graph, args, kw, dynamic_batch, "export")
+    return _cached_capture(model, graph, args, kw, dynamic_capture, "export")
 
 
 def _cached_capture(model, graph: DependencyGraph, args: tuple, kw: dict, dynamic_batch: bool,

@@ -3,11 +3,12 @@
 torch.export costs 1.5-2 ms per ATen node (fake-tensor and proxy dispatch on every op), while
 most CNNs are plain compositions of a few modules and functions that ``symbolic_trace`` records
 in microseconds. This pass lowers each recorded call to the ATen call that export's training IR
-holds for it (the tables below, one entry per module class, function or tensor method), runs
-the lowered ops eagerly once to give every node its shape, and checks that the lowered graph
-computes what the model computes. Anything outside the tables, any in-place op whose input is
-used again, any output mismatch: :func:`fast_capture` returns None and the caller uses
-torch.export, the canonical path. So this is an optimisation with no behaviour of its own.
+holds for it (the tables below, one entry per module class, function or tensor method) and
+runs the lowered ops on meta tensors to give every node its shape. Anything outside the
+tables, or an in-place op whose input is used again: :func:`fast_capture` returns None and
+the caller uses torch.export, the canonical path. Before the graph's values are relied on,
+:func:`check_capture` runs it against the model; compress exports instead on any difference.
+So this is an optimisation with no behaviour of its own.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Unsupported(Exception):
 @dataclass
 class Val:
     """A lowered value: what the new graph holds (a node, or a Python constant) and its
-    eager value on the example inputs."""
+    value on the example inputs (a meta tensor for a tensor: shape and dtype only)."""
 
     emit: Any
     real: Any
@@ -68,7 +69,7 @@ def _normalize(op, args: list, kwargs: dict) -> tuple[tuple, dict]:
     lists, trailing defaults dropped, keyword-only args kept only when not default."""
     schema = op._schema
     pos = [a for a in schema.arguments if not a.kwarg_only]
-    full = list(args) + [None] * 0
+    full = list(args)
     for a in pos[len(full):]:
         if a.name in kwargs:
             full.append(kwargs.pop(a.name))
@@ -96,7 +97,7 @@ def _same(v: Any, default: Any) -> bool:
         return False
     if isinstance(v, list) and isinstance(default, list):
         return len(v) == len(default) and all(_same(a, b) for a, b in zip(v, default))
-    return type(v) is type(default) and v == default or (v is None and default is None)
+    return type(v) is type(default) and v == default
 
 
 def _pick(v: Any, field: str) -> Any:
@@ -112,16 +113,17 @@ def _pick(v: Any, field: str) -> Any:
 
 
 class Lowering:
-    """The new graph under construction, with the eager value of every emitted node."""
+    """The new graph under construction, walked from the traced graph in order, with the meta
+    value (shape and dtype) of every emitted node."""
 
-    def __init__(self, model: nn.Module, on_meta: bool) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.graph = fx.Graph()
         self.attrs: dict[str, Val] = {}
         self.tensors = dict(model.named_parameters(remove_duplicate=False))
         self.tensors.update(model.named_buffers(remove_duplicate=False))
-        self.on_meta = on_meta  # run the ops on meta tensors: shapes only, no arithmetic
         self.uses_sizes = False  # a shape was read: sizes are baked in as constants
+        self.readers: dict[int, int] = {}  # id(Val) -> nodes of the traced graph reading it
 
     def fake(self, v: Any) -> Any:
         """The shape-only stand-in kept in ``meta["val"]`` (a meta tensor: a fake tensor per
@@ -138,18 +140,17 @@ class Lowering:
             if name not in self.tensors:
                 raise Unsupported(f"attribute {name} is not a parameter or buffer")
             node = self.graph.get_attr(name)
-            t = self.tensors[name]
-            node.meta["val"] = self.fake(t)
-            self.attrs[name] = Val(node, node.meta["val"] if self.on_meta else t)
+            node.meta["val"] = self.fake(self.tensors[name])
+            self.attrs[name] = Val(node, node.meta["val"])
         return self.attrs[name]
 
     def optional_attr(self, prefix: str, name: str, module: nn.Module) -> Val | None:
         return None if getattr(module, name, None) is None else self.attr(f"{prefix}.{name}")
 
     def call(self, op, *args: Any, **kwargs: Any) -> Val:
-        """Emit ``op`` on lowered values and run it (eagerly, or on meta tensors)."""
+        """Emit ``op`` on lowered values and run it on their meta values."""
         real_args, real_kwargs = _pick(args, "real"), _pick(kwargs, "real")
-        real = _meta_shortcut(op, real_args) if self.on_meta else None
+        real = _meta_shortcut(op, real_args)
         if real is None:
             real = op(*[_as_list(a) for a in real_args], **real_kwargs)
         emit_args, emit_kwargs = _pick(args, "emit"), _pick(kwargs, "emit")
@@ -166,6 +167,45 @@ class Lowering:
             node.meta["val"] = self.fake(v.real[i])
             return Val(node, v.real[i])
         return Val(v.emit[i], v.real[i])
+
+    def current_input_reused(self, x: Val) -> bool:
+        node = x.emit
+        return not (isinstance(node, fx.Node) and node.op == "call_function"
+                    and self.readers.get(id(x), 0) == 1)
+
+    def run(self, traced: fx.Graph, args: tuple) -> Any:
+        env: dict[fx.Node, Any] = {}
+        inputs = iter(args)
+        for n in traced.nodes:
+            if n.op == "output":
+                return fx.node.map_arg(n.args[0], env.__getitem__)
+            val = self._one(traced, n, env, inputs)
+            env[n] = val
+            if isinstance(val, Val):
+                self.readers[id(val)] = self.readers.get(id(val), 0) + len(n.users)
+        raise Unsupported("the graph has no output")
+
+    def _one(self, traced: fx.Graph, n: fx.Node, env: dict, inputs) -> Any:
+        if n.op == "placeholder":
+            t = next(inputs)
+            node = self.graph.placeholder(n.name)
+            node.meta["val"] = self.fake(t)
+            return Val(node, node.meta["val"])
+        if n.op == "get_attr":
+            return self.attr(str(n.target))
+        args = fx.node.map_arg(n.args, env.__getitem__)
+        kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+        if n.op == "call_module":
+            m = self.model.get_submodule(str(n.target))
+            lower = LOWER_MODULE.get(type(m))
+            if lower is None:
+                raise Unsupported(f"module {n.target} ({type(m).__name__}) has no lowering")
+            return lower(self, m, str(n.target), *args, **kwargs)
+        table = LOWER_FUNCTION if n.op == "call_function" else LOWER_METHOD
+        lower = table.get(n.target)
+        if lower is None:
+            raise Unsupported(f"{n.op} {getattr(n.target, '__name__', n.target)} has no lowering")
+        return lower(self, *args, **kwargs)
 
 
 # ops whose output has the shape and dtype of their first input; on meta tensors their
@@ -226,7 +266,7 @@ def _conv_module(L, m, name, x):
 
 @_register(LOWER_MODULE, nn.Linear)
 def _linear_module(L, m, name, x):
-    return L.call(aten.linear.default, x, L.attr(f"{name}.weight"), L.optional_attr(name, "bias", m))
+    return _linear(L, x, L.attr(f"{name}.weight"), L.optional_attr(name, "bias", m))
 
 
 @_register(LOWER_MODULE, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -241,8 +281,8 @@ def _bn_module(L, m, name, x):
 
 @_register(LOWER_MODULE, nn.LayerNorm)
 def _ln_module(L, m, name, x):
-    return L.call(aten.layer_norm.default, x, list(m.normalized_shape),
-                  L.optional_attr(name, "weight", m), L.optional_attr(name, "bias", m), m.eps, _CUDNN)
+    return _layer_norm(L, x, m.normalized_shape, L.optional_attr(name, "weight", m),
+                       L.optional_attr(name, "bias", m), m.eps)
 
 
 @_register(LOWER_MODULE, nn.GroupNorm)
@@ -269,7 +309,7 @@ def _relu6_module(L, m, name, x):
 
 @_register(LOWER_MODULE, nn.GELU)
 def _gelu_module(L, m, name, x):
-    return L.call(aten.gelu.default, x, approximate=m.approximate)
+    return _gelu(L, x, m.approximate)
 
 
 @_register(LOWER_MODULE, nn.Identity)
@@ -281,8 +321,7 @@ def _identity_module(L, m, name, x):
 def _dropout_module(L, m, name, x):
     if type(m) is not nn.Dropout:
         raise Unsupported(f"{name}: {type(m).__name__}")
-    _out_of_place(m.inplace, x, L)
-    return L.call(aten.dropout.default, x, m.p, False)
+    return _dropout(L, x, m.p, False, m.inplace)
 
 
 @_register(LOWER_MODULE, nn.MaxPool2d)
@@ -293,9 +332,8 @@ def _maxpool_module(L, m, name, x):
 
 @_register(LOWER_MODULE, nn.AvgPool2d)
 def _avgpool_module(L, m, name, x):
-    return L.call(aten.avg_pool2d.default, x, m.kernel_size,
-                  m.stride if m.stride is not None else [], m.padding, m.ceil_mode,
-                  m.count_include_pad, m.divisor_override)
+    return _avg_pool2d(L, x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                       m.count_include_pad, m.divisor_override)
 
 
 @_register(LOWER_MODULE, nn.AdaptiveAvgPool2d)
@@ -376,22 +414,20 @@ def _cat(L, tensors, dim=0):
 
 def _python_value(v: Any) -> bool:
     """A plain Python number, or one computed from tensor sizes (baked in as a constant)."""
-    real = v.real if isinstance(v, Val) else v
-    return isinstance(real, (int, float)) and not isinstance(v, Val) or (
-        isinstance(v, Val) and isinstance(v.real, (int, float)) and not isinstance(v.emit, fx.Node))
+    if isinstance(v, Val):
+        return isinstance(v.real, (int, float)) and not isinstance(v.emit, fx.Node)
+    return isinstance(v, (int, float))
 
 
-def _binary(op, python_op, scalar_op=None):
+def _binary(op, python_op):
+    """``a op b``: Python arithmetic on sizes, or the ATen ``op`` on two tensors (``None``:
+    no tensor form); a Python scalar next to a tensor is left to torch.export."""
     def lower(L, a, b):
         if _python_value(a) and _python_value(b):  # size arithmetic, e.g. channels // groups
             value = python_op(*(v.real if isinstance(v, Val) else v for v in (a, b)))
             return Val(value, value)
-        if not _tensor(a):
-            raise Unsupported("a scalar on the left of a tensor op")
-        if not _tensor(b):
-            if isinstance(b, Val) or scalar_op is None:
-                raise Unsupported("a scalar operand")
-            return L.call(scalar_op, a, b)
+        if op is None or not (_tensor(a) and _tensor(b)):
+            raise Unsupported(f"{python_op.__name__} with a scalar operand, or of tensors")
         return L.call(op, a, b)
     return lower
 
@@ -404,12 +440,7 @@ for _fns, _op, _py in [((operator.add, operator.iadd, torch.add), aten.add.Tenso
         LOWER_FUNCTION[_fn] = _binary(_op, _py)
 
 
-@_register(LOWER_FUNCTION, operator.floordiv)
-def _floordiv(L, a, b):
-    if not (_python_value(a) and _python_value(b)):
-        raise Unsupported("floor division of tensors")
-    value = (a.real if isinstance(a, Val) else a) // (b.real if isinstance(b, Val) else b)
-    return Val(value, value)
+LOWER_FUNCTION[operator.floordiv] = _binary(None, operator.floordiv)
 
 
 @_register(LOWER_FUNCTION, getattr)
@@ -442,11 +473,6 @@ def _getitem(L, v, i):
 @_register(LOWER_FUNCTION, torch.chunk)
 def _chunk(L, x, chunks, dim=0):
     return L.call(aten.chunk.default, x, chunks, dim)
-
-
-@_register(LOWER_FUNCTION, torch.permute)
-def _permute_fn(L, x, dims):
-    return L.call(aten.permute.default, x, list(dims))
 
 
 @_register(LOWER_FUNCTION, torch.transpose)
@@ -494,6 +520,7 @@ def _mean(L, x, dim=None, keepdim=False):
     return L.call(aten.mean.dim, x, [dim] if isinstance(dim, int) else list(dim), keepdim)
 
 
+LOWER_FUNCTION[torch.permute] = _permute
 LOWER_METHOD["flatten"] = _flatten
 LOWER_METHOD["transpose"] = _transpose
 LOWER_METHOD["chunk"] = _chunk
@@ -513,53 +540,6 @@ def _register_optional() -> None:
 
 
 # --- the pass -----------------------------------------------------------------------------
-
-class _Lower(Lowering):
-    """Walks the symbolic_trace graph in order, emitting lowered ops and running them."""
-
-    def __init__(self, model: nn.Module, on_meta: bool) -> None:
-        super().__init__(model, on_meta)
-        self.readers: dict[int, int] = {}  # id(Val) -> nodes of the traced graph reading it
-
-    def current_input_reused(self, x: Val) -> bool:
-        node = x.emit
-        return not (isinstance(node, fx.Node) and node.op == "call_function"
-                    and self.readers.get(id(x), 0) == 1)
-
-    def run(self, traced: fx.Graph, args: tuple) -> Any:
-        env: dict[fx.Node, Any] = {}
-        inputs = iter(args)
-        for n in traced.nodes:
-            if n.op == "output":
-                return fx.node.map_arg(n.args[0], env.__getitem__)
-            val = self._one(traced, n, env, inputs)
-            env[n] = val
-            if isinstance(val, Val):
-                self.readers[id(val)] = self.readers.get(id(val), 0) + len(n.users)
-        raise Unsupported("the graph has no output")
-
-    def _one(self, traced: fx.Graph, n: fx.Node, env: dict, inputs) -> Any:
-        if n.op == "placeholder":
-            t = next(inputs)
-            node = self.graph.placeholder(n.name)
-            node.meta["val"] = self.fake(t)
-            return Val(node, node.meta["val"] if self.on_meta else t)
-        if n.op == "get_attr":
-            return self.attr(str(n.target))
-        args = fx.node.map_arg(n.args, env.__getitem__)
-        kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-        if n.op == "call_module":
-            m = self.model.get_submodule(str(n.target))
-            lower = LOWER_MODULE.get(type(m))
-            if lower is None:
-                raise Unsupported(f"module {n.target} ({type(m).__name__}) has no lowering")
-            return lower(self, m, str(n.target), *args, **kwargs)
-        table = LOWER_FUNCTION if n.op == "call_function" else LOWER_METHOD
-        lower = table.get(n.target)
-        if lower is None:
-            raise Unsupported(f"{n.op} {getattr(n.target, '__name__', n.target)} has no lowering")
-        return lower(self, *args, **kwargs)
-
 
 def _same_outputs(got: list, want: list) -> bool:
     for g, w in zip(got, want):
@@ -608,7 +588,7 @@ def fast_capture(model: nn.Module, args: tuple, kwargs: dict, *,
     placeholders = [n for n in traced.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
         return None, "the forward signature does not match the inputs one to one"
-    L = _Lower(model, on_meta=True)
+    L = Lowering(model)
     try:
         with torch.no_grad():
             out = L.run(traced, args)
@@ -640,15 +620,10 @@ def check_capture(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dic
     if gm.meta.get("etp_capture") != "fx":
         return None
     if "etp_capture_check" not in gm.meta:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                got = gm(*args, **kwargs)
-                want = model(*args, **kwargs)
-        finally:
-            for m, t in modes:
-                m.train(t)
+        from .capture import _eval_mode  # capture imports this module
+        with _eval_mode(model), torch.no_grad():
+            got = gm(*args, **kwargs)
+            want = model(*args, **kwargs)
         got_flat, got_spec = pytree.tree_flatten(got)
         want_flat, want_spec = pytree.tree_flatten(want)
         if got_spec != want_spec:
