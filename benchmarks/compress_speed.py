@@ -480,15 +480,15 @@ PHASES = [
     ("check_runs (eager forward, only when export fails)", "etp_fx.capture", "_check_runs"),
     ("torch.export.export", "torch.export", "export"),
     ("build_graph", "etp_fx.trace", "build_graph"),
-    ("_base_graph (re-capture for a dynamic batch)", "etp_fx.compress", "_base_graph"),
-    ("_working_copy (copy of the capture)", "etp_fx.compress", "_working_copy"),
-    ("_compress_traced", "etp_fx.compress", "_compress_traced"),
-    ("plan_folds (interpreter forward)", "etp_fx.compress", "plan_folds"),
-    ("rewrite_module", "etp_fx.compress", "rewrite_module"),
-    ("apply_folds", "etp_fx.compress", "apply_folds"),
-    ("check_shapes (interpreter forward)", "etp_fx.compress", "check_shapes"),
-    ("_report", "etp_fx.compress", "_report"),
-    ("CostModel (sympy)", "etp_fx.cost", "CostModel.__init__"),
+    ("_base_graph (re-capture for a dynamic batch)", "etp_fx.surgery.compress", "_base_graph"),
+    ("_working_copy (copy of the capture)", "etp_fx.surgery.compress", "_working_copy"),
+    ("_compress_traced", "etp_fx.surgery.compress", "_compress_traced"),
+    ("plan_folds (interpreter forward)", "etp_fx.surgery.compress", "plan_folds"),
+    ("rewrite_module", "etp_fx.surgery.compress", "rewrite_module"),
+    ("apply_folds", "etp_fx.surgery.compress", "apply_folds"),
+    ("check_shapes (interpreter forward)", "etp_fx.surgery.compress", "check_shapes"),
+    ("_report", "etp_fx.surgery.compress", "_report"),
+    ("CostModel (sympy)", "etp_fx.graph.cost", "CostModel.__init__"),
 ]
 
 
@@ -568,7 +568,7 @@ def profile_model(name: str, size: int | None = None, top: int = 25, verify: boo
     with PhaseTimer() as pt:
         t0 = time.perf_counter()
         g = sys.modules["etp_fx"].trace(model, x)
-        sys.modules["etp_fx.compress"].compress(model, x, remove=plan, graph=g, verify=verify)
+        sys.modules["etp_fx.surgery.compress"].compress(model, x, remove=plan, graph=g, verify=verify)
         wall = time.perf_counter() - t0
     # 2) cProfile
     pr = cProfile.Profile()

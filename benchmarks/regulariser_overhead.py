@@ -60,7 +60,7 @@ def tiny_cnn():
 
 def make_variants(model, x, y, *, compile_: bool) -> dict:
     import etp_fx
-    from etp_fx.torque import ExponentialTorque
+    from etp_fx.regularise.torque import ExponentialTorque
 
     g = etp_fx.trace(model, x[:1])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)

@@ -13,7 +13,7 @@ Method:
   hits both alike;
 - ours is ``etp_fx.trace(model, x)`` end to end (torch.export, ``ep.module()``, the rules
   and the groups); its two phases (``capture``: torch.export and ``ep.module()``; ``rules``:
-  :func:`etp_fx.depgraph.build_graph`) are timed separately in extra runs;
+  :func:`etp_fx.graph.depgraph.build_graph`) are timed separately in extra runs;
 - TP is ``tp.DependencyGraph().build_dependency(model, example_inputs=x)`` (it too runs the model
   once, with autograd, and builds its graph);
 - the Llama-8B-shaped trace runs in a fresh subprocess so that its peak RSS
@@ -75,7 +75,7 @@ def _tp(m, x) -> float:
 
 def _phases(m, x) -> tuple[float, float]:
     from etp_fx.capture import capture
-    from etp_fx.depgraph import build_graph
+    from etp_fx.graph.depgraph import build_graph
     t0 = time.perf_counter()
     gm = capture(m, (x,), {})
     t1 = time.perf_counter()
@@ -87,7 +87,7 @@ def _capture_parts(m, x) -> tuple[float, float, float, int]:
     """What ``capture`` spends its time on: ``torch.export.export`` as torch runs it by default
     (a symbolised stack trace recorded for every node), the same export as etp_fx runs it
     (stack traces off), ``ExportedProgram.module()``; and the number of nodes of the ATen graph."""
-    from etp_fx.capture import _export
+    from etp_fx.capture.export import _export
     t0 = time.perf_counter()
     torch.export.export(m, (x,), strict=False)
     t1 = time.perf_counter()
@@ -138,8 +138,8 @@ def llama_worker(layers: int, seq: int) -> dict:
     import transformers
     import etp_fx
     from etp_fx.capture import capture
-    from etp_fx.depgraph import build_graph
-    from etp_fx.trace import signature_of
+    from etp_fx.graph.depgraph import build_graph
+    from etp_fx.graph.signature import signature_of
     t_import = time.perf_counter() - t0
     cfg = transformers.LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers})
     t0 = time.perf_counter()

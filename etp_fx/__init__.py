@@ -1,30 +1,35 @@
-"""etp_fx: structured pruning as torch.fx compiler passes, built around Exponential Torque Pruning."""
-from .capture import InputError, TraceError
-from .depgraph import ChannelGroup, DependencyGraph, Member
-from .rules import rule
-from .trace import trace
-from .zero import zero_units
-from .compress import compress, VerificationError
-from .plan import PlanError
-from .io import LoadError, load, save
-from .torque import ExponentialTorque, RegulariserError, Torque
-from .training import ETPCallback, ETPTrainerMixin, NormHistory, plot_norms, progress
-from .distance import DistanceError
-from .select import ElementClipping, SelectionError, clip_small_weights
-from . import baselines, distance, select
-from .render import write_html, write_svg
-from .report import graph_to_dict, summary_table
+"""etp_fx: structured pruning as torch.fx compiler passes, built around Exponential Torque Pruning.
 
-__version__ = "0.1.0"
+The package follows the pipeline, each stage importing only the ones before it:
+``capture`` -> ``graph`` -> ``regularise`` -> ``surgery`` -> the face (io, render, cli, demo,
+baselines). ``docs/design.md`` has the map.
+"""
+from .errors import (DistanceError, Error, FoldError, InputError, LoadError, ModelMismatchError,
+                     PlanError, RegulariserError, SaveError, SelectionError, TraceError,
+                     VerificationError)
+from .graph import ChannelGroup, DependencyGraph, Member, distance, graph_to_dict, rule, \
+    rules, summary_table, trace
+from .regularise import Budget, Plan, Ratio, Selection, Threshold, ETPCallback, ETPTrainerMixin, ElementClipping, ExponentialTorque, \
+    NormHistory, Torque, clip_small_weights, plot_norms, progress, select
+from .surgery import compress, zero_units
+from .io import load, save
+from .render import write_html, write_svg
+from . import baselines
+from .version import __version__  # noqa: F401 - the package version
+
 __all__ = [
     # trace and inspect
-    "trace", "DependencyGraph", "ChannelGroup", "Member", "rule", "TraceError", "InputError",
+    "trace", "DependencyGraph", "ChannelGroup", "Member", "rule", "rules",
     "summary_table", "graph_to_dict", "write_svg", "write_html",
     # compress
-    "zero_units", "compress", "VerificationError", "PlanError", "save", "load", "LoadError",
+    "zero_units", "compress", "Selection", "Budget", "Ratio", "Threshold", "Plan", "save", "load",
     # regularise and select
-    "ExponentialTorque", "Torque", "RegulariserError", "DistanceError", "select",
-    "SelectionError", "ElementClipping", "clip_small_weights", "distance", "baselines",
+    "ExponentialTorque", "Torque", "select", "ElementClipping", "clip_small_weights",
+    "distance", "baselines",
     # train
     "NormHistory", "plot_norms", "progress", "ETPCallback", "ETPTrainerMixin",
+    # errors: every one derives from etp_fx.Error
+    "Error", "InputError", "TraceError", "PlanError", "SelectionError", "RegulariserError",
+    "DistanceError", "FoldError", "VerificationError", "LoadError", "SaveError",
+    "ModelMismatchError",
 ]

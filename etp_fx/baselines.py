@@ -30,6 +30,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .graph.trace import trace
+from .regularise import select
+from .regularise.clipping import clip_small_weights
+from .regularise.torque import ExponentialTorque
+from .surgery.compress import compress
+
 __all__ = ["PruningMethod", "ETPMethod", "TorchPruningMethod", "GReg", "GroupNorm", "Magnitude",
            "make", "METHODS"]
 
@@ -177,10 +183,8 @@ class ETPMethod(PruningMethod):
                  target_macs: float | None = None, graph=None, regulariser: Callable | None = None,
                  **reg_kw) -> None:
         super().__init__(model, example_inputs)
-        from . import torque
-        from .trace import trace
         self.graph = graph if graph is not None else trace(model, example_inputs)
-        cls = regulariser or torque.ExponentialTorque
+        cls = regulariser or ExponentialTorque
         self.reg = cls(self.graph, strength=strength, **reg_kw)
         self.clip, self.threshold, self.target_macs = clip, threshold, target_macs
         self.plan: dict[str, list[int]] | None = None
@@ -190,13 +194,11 @@ class ETPMethod(PruningMethod):
 
     def epoch_end(self, model: nn.Module) -> None:
         if self.clip is not None and not self.pruned:
-            from .select import clip_small_weights
             clip_small_weights(model, self.clip, self.reg)
 
     def step(self) -> nn.Module:
         if self.pruned:
             return self.model
-        from . import select
         units = self.reg.units
         if self.target_macs is not None:
             plan = select.by_budget(self.graph, self.model, macs=self.target_macs, units=units)
@@ -205,9 +207,7 @@ class ETPMethod(PruningMethod):
                                        units=units)
         self.plan = plan
         self.pruned = True
-        import etp_fx
-        compress = getattr(etp_fx, "compress", None)
-        if compress is not None and plan:
+        if plan:
             was = self.model.training
             self.model.eval()  # compress folds BatchNorm on running statistics
             try:
@@ -216,30 +216,9 @@ class ETPMethod(PruningMethod):
             finally:
                 self.model.train(was)
             self.model = small  # an exported graph: BatchNorm stays on running statistics
-        elif plan:
-            zero_units_fallback(self.model, self.graph, plan)
         return self.model
 
 
-@torch.no_grad()
-def zero_units_fallback(model: nn.Module, graph, plan: dict[str, list[int]]) -> None:
-    """Zero every parameter slice of the planned units, in place (a stand-in for
-    ``etp_fx.zero_units``)."""
-    import etp_fx
-    fn = getattr(etp_fx, "zero_units", None)
-    if fn is not None:
-        fn(model, graph, plan)
-        return
-    for gid, units in plan.items():
-        grp = graph[gid]
-        drop = set(units)
-        for m in grp.members:
-            if m.is_buffer:
-                continue
-            p = model.get_parameter(m.name)
-            idx = [i for i, c in enumerate(m.coords) if c in drop]
-            if idx:
-                p.index_fill_(m.dim, torch.tensor(idx, device=p.device), 0)
 
 
 METHODS: dict[str, type[PruningMethod]] = {"etp": ETPMethod, "greg": GReg,

@@ -27,13 +27,26 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from .demo import DemoConfig, run_demo
+from .errors import Error
+from .graph.describe import graph_to_dict
+from .graph.trace import trace
+from .io import load, save
+from .models import load_spec, parse_shape
+from .regularise.selection import Selection, selection_from
+from .render import write_html, write_svg
+from .surgery.compress import compress
+from .version import __version__
+
 __all__ = ["main", "build_parser", "subcommand", "SUBCOMMANDS", "Subcommand", "CLIError"]
 
 SPEC_HELP = ("the model: torchvision:NAME, timm:NAME, hf:ConfigClass[,key=value...], "
              "package.module:factory or path/to/file.py:factory (random weights, nothing downloaded)")
 
 
-class CLIError(Exception):
+class CLIError(Error):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
@@ -61,15 +74,7 @@ def subcommand(name: str, *, help: str, arguments: Callable[[argparse.ArgumentPa
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something that cannot be done, not a bug."""
-    from .capture import InputError, TraceError
-    from .models import ModelSpecError
-    errors: list[type[BaseException]] = [CLIError, ModelSpecError, InputError, TraceError]
-    try:
-        from .plan import PlanError  # a plan that names unknown groups or units
-        errors.append(PlanError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (CLIError, Error)
 
 
 # --- shared argument types ---------------------------------------------------------------------
@@ -104,10 +109,8 @@ def _write(path: str, what: str, write: Callable[[str], object]) -> None:
 
 
 def _load_and_trace(spec: str, input_shape: str | None):
-    import etp_fx
-    from .models import load_spec
     model, inputs = load_spec(spec, input_shape)
-    return etp_fx.trace(model, inputs)
+    return trace(model, inputs)
 
 
 # --- inspect -----------------------------------------------------------------------------------
@@ -139,8 +142,6 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
            "  etp-fx inspect hf:BertConfig,num_hidden_layers=2 --max-rows 10 --json groups.json\n"
            "  etp-fx inspect mymodels.py:make_net --input-shape 8,3,32,32")
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .render import write_html, write_svg
-    from .report import graph_to_dict
     for path, what in ((args.svg, "SVG"), (args.html, "HTML"), (args.json, "JSON")):
         _check_writable(path, what)
     g = _load_and_trace(args.spec, args.input_shape)
@@ -163,7 +164,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- demo --------------------------------------------------------------------------------------
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .demo import DemoConfig
     d = DemoConfig()
     p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--strength", type=float, default=d.strength,
@@ -185,7 +185,6 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                         "writes model.pt2, norms.png, groups.svg/html and report.json, and "
                         "reloads model.pt2 in a fresh process.")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
     if args.target_macs is not None and not 0 < args.target_macs <= 1:
         raise CLIError(f"--target-macs is a share of the MACs to keep, in (0, 1]; got {args.target_macs}")
     if args.epochs < 1:
@@ -213,6 +212,14 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="where to write the compressed .pt2 (a .json report goes beside it)")
 
 
+def _selection(args: argparse.Namespace) -> Selection:
+    """The one selection the command line asks for, checked before any work starts."""
+    options = {k: v for k, v in (("relative", args.relative if args.threshold is not None else None),
+                                 ("round_to", args.round_to)) if v}
+    return selection_from(target_macs=args.target_macs, target_params=args.target_params,
+                          ratio=args.ratio, threshold=args.threshold, **options)
+
+
 @subcommand("compress", help="compress a model to a target and write a .pt2 with a report",
             arguments=_compress_arguments,
             description="Select units by norm (magnitude of the current weights) to meet a "
@@ -220,16 +227,13 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
                         "write the dense smaller model as .pt2 plus a JSON report. For a model "
                         "trained with ETP, most removed units are already zero.")
 def cmd_compress(args: argparse.Namespace) -> int:
-    import etp_fx
-    import torch
-    from .models import load_spec
     _check_writable(args.out, ".pt2 file")
+    selection = _selection(args)
     if args.model.endswith(".pt2"):
         if args.input_shape is None:
             raise CLIError("give --input-shape for a .pt2 model")
-        from .models import _shape
-        model = etp_fx.load(args.model)
-        inputs = torch.randn(*_shape(args.input_shape, ()))
+        model = load(args.model)
+        inputs = torch.randn(*parse_shape(args.input_shape, ()))
     else:
         model, inputs = load_spec(args.model, args.input_shape)
         model.eval()
@@ -244,18 +248,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CLIError(f"--weights {args.weights!r} does not fit {args.model}: {str(e).splitlines()[0]}") from None
-    for name in ("target_macs", "target_params"):
-        v = getattr(args, name)
-        if v is not None and not 0 < v <= 1:
-            raise CLIError(f"--{name.replace('_', '-')} must lie in (0, 1]; got {v}")
-    options = {k: v for k, v in (("relative", args.relative if args.threshold is not None else None),
-                                 ("round_to", args.round_to)) if v}
-    small = etp_fx.compress(model, inputs, target_macs=args.target_macs,
-                            target_params=args.target_params, ratio=args.ratio,
-                            threshold=args.threshold, allow_approximate=args.allow_approximate,
-                            select_options=options)
+    small = compress(model, inputs, selection, allow_approximate=args.allow_approximate)
     rep = small.meta["etp_report"]
-    _write(args.out, ".pt2 file", lambda p: etp_fx.save(small, p))
+    _write(args.out, ".pt2 file", lambda p: save(small, p))
     report_path = os.path.splitext(args.out)[0] + ".json"
     _write(report_path, "report", lambda p: open(p, "w").write(json.dumps(rep, indent=1, default=str)))
     print(f"params {rep['params_before']:,} -> {rep['params_after']:,}; "
@@ -292,7 +287,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- main --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     p = argparse.ArgumentParser(
         prog="etp-fx",
         description="Structured pruning with Exponential Torque Pruning, on torch.export graphs.",

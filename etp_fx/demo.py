@@ -14,6 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .graph.trace import trace
+from .io import save
+from .regularise.torque import ExponentialTorque
+from .regularise.training import NormHistory, plot_norms
+from .render import write_html, write_svg
+from .surgery.compress import compress
+
 __all__ = ["DemoConfig", "digits", "SmallVGG", "train", "evaluate", "latency_ms", "run_demo"]
 
 
@@ -139,8 +146,6 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Train with ETP, compress, report, write files, reload in a fresh process."""
-    import etp_fx
-    from etp_fx.training import NormHistory, plot_norms
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,20 +153,20 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     xtr, ytr, xte, yte = digits(cfg.image_size, cfg.seed)
     model = SmallVGG(image_size=cfg.image_size)
     example = xtr[:1]
-    graph = etp_fx.trace(model, example)
+    graph = trace(model, example)
     log(f"traced SmallVGG: {len(graph.groups)} groups of coupled channels, "
         f"{sum(g.size for g in graph.groups)} units")
-    reg = etp_fx.ExponentialTorque(graph, strength=cfg.strength)
+    reg = ExponentialTorque(graph, strength=cfg.strength)
     history = NormHistory(reg)
     t0 = time.time()
     train(model, xtr, ytr, epochs=cfg.epochs, reg=reg, lr=cfg.lr, batch_size=cfg.batch_size,
           seed=cfg.seed, history=history)
     log(f"trained {cfg.epochs} epochs with ETP (strength {cfg.strength}) in {time.time() - t0:.0f} s")
     if cfg.target_macs is not None:
-        small = etp_fx.compress(model, example, target_macs=cfg.target_macs, graph=graph)
+        small = compress(model, example, target_macs=cfg.target_macs, graph=graph)
     else:
-        small = etp_fx.compress(model, example, threshold=cfg.threshold, graph=graph,
-                                select_options={"relative": True})
+        small = compress(model, example, threshold=cfg.threshold, graph=graph,
+                                relative=True)
     rep = small.meta["etp_report"]
     acc0, acc1 = evaluate(model, xte, yte), evaluate(small, xte, yte)
     # batch 1 shows per-call overhead (a Python call per op either way); a full test batch
@@ -178,11 +183,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(_table(rows))
     log(f"MACs speed-up {rep['macs_before'] / rep['macs_after']:.1f}x, "
         f"params {rep['params_before'] / rep['params_after']:.1f}x smaller")
-    etp_fx.save(small, out / "model.pt2")
+    save(small, out / "model.pt2")
     plot_norms(history, out / "norms.png")
     plan = {gid: g["removed"] for gid, g in rep["groups"].items()}
     try:
-        from etp_fx.render import write_html, write_svg
         write_svg(graph, out / "groups.svg", removed=plan)
         write_html(graph, out / "groups.html", removed=plan)
     except ImportError:  # pragma: no cover - render is optional

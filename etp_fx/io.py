@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .capture import batch_dynamic_shapes, normalize_inputs
+from .errors import LoadError
+
 __all__ = ["save", "load", "LoadError"]
 
 _REPORT = "etp_report.json"
 _TYPES = "etp_pytree_types.json"  # input/output container types the loader must know
 
-
-class LoadError(RuntimeError):
-    """A file could not be loaded as an etp_fx model; the message names the file."""
 
 
 def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
@@ -42,9 +42,7 @@ def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
                              "etp_fx.compress()")
         args, kwargs = meta["etp_example_inputs"]
     else:
-        from .capture import normalize_inputs
         args, kwargs = normalize_inputs(example_inputs)
-    from .capture import batch_dynamic_shapes
     dyn = batch_dynamic_shapes(model.forward, tuple(args), dict(kwargs))
     ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dyn, strict=False)
     extra = {_REPORT: json.dumps(meta.get("etp_report", {}), default=str),

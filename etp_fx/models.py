@@ -11,16 +11,15 @@ import torch
 __all__ = ["ModelSpecError", "load_spec"]
 
 
-class ModelSpecError(ValueError):
-    """A model spec could not be resolved; the message lists the accepted forms."""
 
+from .errors import ModelSpecError
 
 FORMS = ("torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, "
          "hf:ConfigClass[,key=value...] (e.g. hf:LlamaConfig,num_hidden_layers=2), "
          "package.module:factory, or path/to/file.py:factory")
 
 
-def _shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+def parse_shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if s is None:
         return default
     try:
@@ -44,7 +43,7 @@ def load_spec(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modul
         except ValueError:
             raise ModelSpecError(f"torchvision has no model {rest!r}; see torchvision.models.list_models()") from None
         size = 299 if "inception" in rest else 224
-        return model, torch.randn(*_shape(input_shape, (1, 3, size, size)))
+        return model, torch.randn(*parse_shape(input_shape, (1, 3, size, size)))
     if kind == "timm":
         timm = _need("timm", "timm")
         try:
@@ -52,13 +51,13 @@ def load_spec(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modul
         except RuntimeError as e:
             raise ModelSpecError(f"timm: {e}") from None
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        return model, torch.randn(*_shape(input_shape, (1, *cfg.get("input_size", (3, 224, 224)))))
+        return model, torch.randn(*parse_shape(input_shape, (1, *cfg.get("input_size", (3, 224, 224)))))
     if kind == "hf":
         return _hf(rest, input_shape)
     factory = _factory(spec, kind, rest)
     if input_shape is None:
         raise ModelSpecError(f"{spec}: give --input-shape for a model from a factory")
-    shape = _shape(input_shape, ())
+    shape = parse_shape(input_shape, ())
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001 - the user's code: report it, do not crash
@@ -121,8 +120,8 @@ def _hf(rest: str, input_shape: str | None):
     except Exception as e:  # noqa: BLE001 - a bad override: report it, do not crash
         raise ModelSpecError(f"hf:{rest}: {type(e).__name__}: {e}") from e
     if "ViT" in name:
-        return model, torch.randn(*_shape(input_shape, (1, 3, config.image_size, config.image_size)))
-    shape = _shape(input_shape, (1, 16))
+        return model, torch.randn(*parse_shape(input_shape, (1, 3, config.image_size, config.image_size)))
+    shape = parse_shape(input_shape, (1, 16))
     if len(shape) != 2:
         raise ModelSpecError(f"bad --input-shape {input_shape!r}: a text model takes BATCH,SEQ_LEN (e.g. 1,16)")
     return model, torch.randint(0, config.vocab_size, shape)

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .graph.describe import group_shares, short_reason
+from .graph.plan import check_plan
+
 __all__ = ["render_svg", "render_html", "write_svg", "write_html"]
 
 FONT = 11                # px, monospace
@@ -81,15 +84,7 @@ def _owner(name: str) -> tuple[str, str]:
 
 
 def _check_removed(graph, removed: Mapping[str, Iterable[int]] | None) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for gid, idx in (removed or {}).items():
-        grp = graph[gid]  # KeyError that names close matches
-        units = sorted({int(i) for i in idx})
-        bad = [i for i in units if not 0 <= i < grp.size]
-        if bad:
-            raise ValueError(f"removed[{gid!r}] lists unit {bad[0]}, outside 0..{grp.size - 1}")
-        out[gid] = units
-    return out
+    return check_plan(graph, removed or {}, allow_all=True)
 
 
 def _layout(graph, removed_: dict[str, list[int]], shares: dict[str, tuple[float, float]]):
@@ -193,7 +188,6 @@ _CSS = """
 def render_svg(graph, *, removed: Mapping[str, Iterable[int]] | None = None,
                title: str | None = None) -> str:
     """The SVG text of the lane diagram (see the module docstring for how to read it)."""
-    from .report import group_shares
     return _render_svg(graph, _check_removed(graph, removed), group_shares(graph), title)
 
 
@@ -306,7 +300,6 @@ def _info(g: _Group) -> str:
 
 
 def _tooltip(g: _Group) -> str:
-    from .report import short_reason
     grp = g.grp
     lines = [grp.id, _info(g),
              "exact: removing zeroed units leaves the output unchanged" if grp.exact else
@@ -414,7 +407,6 @@ q.addEventListener('input',filter);filter();
 def render_html(graph, *, removed: Mapping[str, Iterable[int]] | None = None,
                 title: str | None = None) -> str:
     """A self-contained HTML page: the SVG picture beside a sortable, searchable group table."""
-    from .report import group_shares, short_reason
     title = title or "etp_fx: coupled-channel groups"
     removed_ = _check_removed(graph, removed)
     shares = group_shares(graph)

@@ -6,7 +6,7 @@ What it shows
     of MLP neurons (fc1 rows, fc2 columns); the hidden size is one approximate group
     (LayerNorm) and the vocabulary is the interface. The regulariser is restricted to the units
     we prune (``include=["head", "neuron"]``), and ``etp_fx.compress(ratio=0.5,
-    select_options={"include": ["head", "neuron"]})`` removes the weaker half of the heads and
+    include=["head", "neuron"])`` removes the weaker half of the heads and
     of the MLP neurons of every layer: a half-width model with real, smaller ``q/k/v/out_proj``
     and ``fc1/fc2`` weights. ``--target-params`` or ``--target-macs`` instead rank units
     globally against a budget. The report compares held-out perplexity.
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     how = C.target(args, default={"ratio": args.ratio})
     with C.timed("compress", times):
-        small = etp_fx.compress(model, example, graph=graph, **how,
-                                select_options={"include": PRUNED_KINDS})
+        small = etp_fx.compress(model, example, graph=graph, **how, include=PRUNED_KINDS)
 
     # 4. report
     with C.timed("evaluate", times):

@@ -198,10 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. compress: the paper preset penalises output rows only, so select on those (units=)
     model.eval()
-    select = {"units": "producer"}
     how = C.target(args, default={"threshold": 0.0})  # paper: every weight of the unit is zero
     with C.timed("compress", times):
-        small = etp_fx.compress(model, example, graph=graph, select_options=select, **how)
+        small = etp_fx.compress(model, example, graph=graph, units="producer", **how)
 
     # 4. evaluate and report
     with C.timed("evaluate", times):  # the compressed model has no train mode

@@ -86,7 +86,7 @@ def test_model_changed_since_traced():
     g = etp_fx.trace(m, torch.randn(1, 3, 8, 8))
     m.a = nn.Conv2d(8, 12, 3, padding=1)
     m.b = nn.Conv2d(12, 8, 3, padding=1)
-    with pytest.raises(etp_fx.PlanError, match="changed shape"):
+    with pytest.raises(etp_fx.ModelMismatchError, match="changed shape"):
         etp_fx.compress(m, torch.randn(1, 3, 8, 8), remove={"a.weight[0]": [0]}, graph=g)
 
 
@@ -123,7 +123,7 @@ def test_verification_failure_names_the_group(monkeypatch):
     # sabotage the rewrite of one op family so the compressed model is wrong: the error must
     # say so and name the group, never return the model
     import sys
-    C = sys.modules["etp_fx.compress"]
+    C = sys.modules["etp_fx.surgery.compress"]
     real = C.apply_folds
 
     def corrupt(gm, folds, keep):

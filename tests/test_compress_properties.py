@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etp_fx
-import etp_fx.fold
+import etp_fx.surgery.fold
 from oracle import check_oracle
 from strategies import architectures, removal_plan
 
@@ -46,7 +46,7 @@ def test_compress_matches_zeroed_original(arch, data):
     try:
         check_oracle(model, x, plan=plan, keep_constants=keep_constants,
                      dynamic_batch=dynamic_batch)
-    except etp_fx.fold.FoldError:
+    except etp_fx.FoldError:
         # with kept constants, a removed unit may carry an input-dependent value into a weight
         # (a query head whose shared values still flow): compress must refuse, never guess;
         # with everything zeroed this cannot happen

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import etp_fx
-from etp_fx.torque import ExponentialTorque
+from etp_fx.regularise.torque import ExponentialTorque
 
 
 def make_model():

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 
 import etp_fx
-from etp_fx import fxcapture
+from etp_fx.capture import fast as fxcapture
 from etp_fx.capture import capture
 
 from strategies import architectures

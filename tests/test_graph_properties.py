@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import etp_fx
-from etp_fx.layout import leaves
+from etp_fx.graph.layout import leaves
 
 from strategies import B, Spec, architectures, build, rebuild, removal_plan
 

@@ -1,7 +1,7 @@
 """Unit tests of the channel algebra."""
 import pytest
 
-from etp_fx.layout import Axis, Cat, LayoutError, Prod, kept_indices, leaves, new_size, resolve, unify
+from etp_fx.graph.layout import Axis, Cat, LayoutError, Prod, kept_indices, leaves, new_size, resolve, unify
 
 
 def test_union_of_leaves_is_one_axis():

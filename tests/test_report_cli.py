@@ -17,7 +17,7 @@ import torch.nn as nn
 import etp_fx
 from etp_fx.cli import SUBCOMMANDS, main
 from etp_fx.render import render_html, render_svg, write_html, write_svg
-from etp_fx.report import graph_to_dict, group_shares, short_reason, summary_table
+from etp_fx.graph.describe import graph_to_dict, group_shares, short_reason, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -201,9 +201,9 @@ def test_svg_colours_exactness_and_lists_barriers(tiny):
 
 
 def test_removed_is_checked(tiny):
-    with pytest.raises(KeyError, match="no group 'nope'"):
+    with pytest.raises(etp_fx.PlanError, match="no group 'nope'"):
         render_svg(tiny, removed={"nope": [0]})
-    with pytest.raises(ValueError, match="outside 0..7"):
+    with pytest.raises(ValueError, match=r"8 units \(0..7\); indices \[8\] are out of range"):
         render_svg(tiny, removed={"stem.weight[0]": [8]})
 
 

@@ -26,7 +26,7 @@ def doc_blocks() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def doc_run():
     """Run the page once: (namespace, [(code, printed, expected text or None)])."""
-    from etp_fx.rules import RULES
+    from etp_fx.graph.rules import RULES
     try:
         torch.ops.mylib.channel_scale
         pytest.skip("mylib::channel_scale is already registered in this process")

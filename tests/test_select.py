@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import etp_fx
 from etp_fx import select
-from etp_fx.select import SelectionError
+from etp_fx import SelectionError
 
 
 class Net(nn.Module):
@@ -179,7 +179,7 @@ def test_official_clipping_callback():
         m.c1.bias[0] = 1e-5  # a bias: not clipped (only weights with 2+ dims)
     small = (m.c2.weight.abs() < 5e-4).sum().item()
     assert small >= 18 and (m.c2.weight == 0).sum().item() == 0
-    clip = select.ElementClipping(5e-4, every=2)
+    clip = etp_fx.ElementClipping(5e-4, every=2)
     assert clip(m) is None  # epoch 0: not a clipping epoch
     zeros = clip(m)
     assert (m.c2.weight == 0).sum().item() == small

@@ -38,8 +38,8 @@ class _Exports:
 def test_trace_does_not_run_the_model_eagerly(monkeypatch):
     import etp_fx.capture
     calls = []
-    real = etp_fx.capture._check_runs
-    monkeypatch.setattr(etp_fx.capture, "_check_runs", lambda *a: calls.append(1) or real(*a))
+    real = etp_fx.capture.export._check_runs
+    monkeypatch.setattr(etp_fx.capture.export, "_check_runs", lambda *a: calls.append(1) or real(*a))
     etp_fx.trace(_net(), torch.randn(1, 3, 8, 8))
     assert calls == []
     with pytest.raises(etp_fx.InputError):

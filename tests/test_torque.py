@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import etp_fx
-from etp_fx.distance import DistanceError, group_distances, multi_source_distances
-from etp_fx.torque import ExponentialTorque, RegulariserError, Torque
+from etp_fx.graph.distance import DistanceError, group_distances, multi_source_distances
+from etp_fx.regularise.torque import ExponentialTorque, RegulariserError, Torque
 
 
 def vgg_like(num_classes=10):
@@ -305,11 +305,11 @@ def test_graph_of_another_model_is_refused(mlp_graph):
     _, g = mlp_graph
     reg = ExponentialTorque(g, strength=1.0)
     other = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
-    with pytest.raises(RegulariserError, match="traced from a different model.*missing"):
+    with pytest.raises(etp_fx.ModelMismatchError, match="traced from a different model.*missing"):
         reg(other)
     wider = MLP()
     wider.b = nn.Linear(12, 10)
-    with pytest.raises(RegulariserError, match=r"b.weight: traced \(9, 12\), model \(10, 12\)"):
+    with pytest.raises(etp_fx.ModelMismatchError, match=r"'b.weight' changed shape \(\[9, 12\] -> \[10, 12\]\)"):
         reg(wider)
 
 

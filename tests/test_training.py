@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import etp_fx
 from etp_fx import baselines
-from etp_fx.torque import ExponentialTorque
-from etp_fx.training import ETPCallback, ETPTrainerMixin, NormHistory, plot_norms, progress
+from etp_fx.regularise.torque import ExponentialTorque
+from etp_fx.regularise.training import ETPCallback, ETPTrainerMixin, NormHistory, plot_norms, progress
 
 
 def cnn():

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import etp_fx
 from etp_fx import baselines, select
-from etp_fx.zero import zeroed_slices
+from etp_fx.surgery.zero import zeroed_slices
 
 OURS = ("etp-paper", "etp", "torque")
 TORCH_PRUNING = ("greg", "groupnorm", "magnitude")
@@ -51,7 +51,7 @@ def make_trainer(name: str, model: nn.Module, graph, task, *, strength: float = 
     if name in OURS:
         if name == "etp-paper":
             reg = etp_fx.ExponentialTorque(graph, preset="paper", strength=task.paper_strength)
-            clip = lambda m: select.clip_small_weights(m, 5e-4, reg)  # noqa: E731
+            clip = lambda m: etp_fx.clip_small_weights(m, 5e-4, reg)  # noqa: E731
         else:
             cls = etp_fx.ExponentialTorque if name == "etp" else etp_fx.Torque
             reg = cls(graph, strength=strength, distance=distance, pivots=pivots, model=model)

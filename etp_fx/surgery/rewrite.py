@@ -12,14 +12,14 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .layout import Term, kept_indices, new_size
-from .rules.table import data_dependent, lookup
+from ..capture import flat_inputs
+from ..errors import RewriteError
+from ..graph.layout import Term, kept_indices, new_size
+from ..graph.rules.table import data_dependent, lookup
+from ..graph.tensors import get_tensor, set_tensor
 
 __all__ = ["RewriteError", "RewriteContext", "rewrite_module", "slice_tensor", "check_shapes"]
 
-
-class RewriteError(RuntimeError):
-    """The rewritten graph is inconsistent; the message carries the node."""
 
 
 class RewriteContext:
@@ -62,27 +62,6 @@ def slice_tensor(t: torch.Tensor, dims: Sequence[Term], r: RewriteContext) -> to
     return out.contiguous() if out is not t else t
 
 
-def _set_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    old = getattr(mod, attr)
-    if isinstance(old, torch.nn.Parameter):
-        if not isinstance(value, torch.nn.Parameter):
-            value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-        if attr in mod._parameters:
-            mod._parameters[attr] = value
-            return
-    if attr in mod._buffers:
-        mod._buffers[attr] = value
-    else:
-        setattr(mod, attr, value)
-
-
-def _attr(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    mod, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(mod) if mod else gm, attr)
-
-
 def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.GraphModule:
     """Slice parameters and fix shape arguments of ``gm`` in place, then recompile."""
     r = RewriteContext(keep)
@@ -90,7 +69,7 @@ def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
             list(gm.named_buffers(remove_duplicate=False)):
         aliases.setdefault(id(t), []).append(name)
-    originals = [(node, _attr(gm, str(node.target))) for node in gm.graph.nodes
+    originals = [(node, get_tensor(gm, str(node.target))) for node in gm.graph.nodes
                  if node.op == "get_attr" and isinstance(node.meta.get("etp_dims"), list)]
     done: set[int] = set()  # tensors already sliced (aliases share one tensor)
     for node, old in originals:
@@ -102,8 +81,8 @@ def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.
         if new is not old and tuple(new.shape) != tuple(old.shape):
             shared = None
             for n in aliases.get(id(old), [str(node.target)]):  # the tie survives
-                _set_attr(gm, n, new if shared is None else shared)
-                shared = _attr(gm, n) if shared is None else shared
+                set_tensor(gm, n, new if shared is None else shared)
+                shared = get_tensor(gm, n) if shared is None else shared
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -154,16 +133,7 @@ class _ShapeCheck(fx.Interpreter):
 def check_shapes(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], args: tuple,
                  kwargs: dict) -> Any:
     """Run the rewritten module once, checking every node's shape; return its outputs."""
-    flat = _flat_inputs(gm, args, kwargs)
+    flat = flat_inputs(gm, args, kwargs)
     return _ShapeCheck(gm, RewriteContext(keep)).run(*flat)
 
 
-def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The flat placeholder values of an exported module for these inputs."""
-    import torch.utils._pytree as pytree
-    spec = gm._in_spec
-    flat, got = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    if got != spec:  # kwargs order may differ: reorder by the exported signature
-        from torch.export._tree_utils import reorder_kwargs
-        flat, _ = pytree.tree_flatten((tuple(args), reorder_kwargs(dict(kwargs), spec)))
-    return flat

@@ -22,33 +22,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .torque import UnitNorms, _ord, check_signature, unit_sets_from_graph, unwrap
+from ..errors import SelectionError
+from .norms import unit_norms
 
-__all__ = ["SelectionError", "unit_norms", "select_units", "by_threshold", "by_ratio",
-           "by_budget", "clip_small_weights", "ElementClipping"]
-
-
-class SelectionError(ValueError):
-    """A selection cannot be made as asked; the message says why and what is reachable."""
+__all__ = ["unit_norms", "select_units", "by_threshold", "by_ratio",
+           "by_budget"]
 
 
-def unit_norms(graph, model: torch.nn.Module, *, norm: Any = "l2", units: str = "group",
-               include: Any = None, allow_approximate: bool = False) -> dict[str, np.ndarray]:
-    """Per-unit norms of each group, as numpy arrays (``norm``: ``l1``, ``l2`` or ``linf``).
 
-    ``units`` must match how the model was trained: a model trained with
-    ``units="producer"`` has zero output rows but non-zero consumer columns."""
-    model = unwrap(model)
-    check_signature(graph, model)
-    sets = unit_sets_from_graph(graph, units=units, include=include,
-                                allow_approximate=allow_approximate)
-    if not sets:
-        return {}
-    un = UnitNorms(sets, dict(graph.signature))
-    with torch.no_grad():
-        params = [model.get_parameter(n).detach() for n in un.names]
-        u = un.values(params, _ord(norm))
-    return {k: v.cpu().double().numpy() for k, v in un.split(u).items()}
 
 
 def _groups(graph, norms: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,48 +239,7 @@ def select_units(graph, model: torch.nn.Module | None = None, *, threshold: floa
 
 # --- the official per-epoch clipping -----------------------------------------------------------
 
-def _clip_names(model: torch.nn.Module, source: Any) -> list[str]:
-    if source is None:  # every Conv/Linear-like weight: parameters with 2 or more dims
-        return [n for n, p in model.named_parameters() if p.dim() >= 2]
-    if hasattr(source, "names"):  # a regulariser: the parameters it penalises
-        return list(source.names)
-    return list(source)
 
 
-@torch.no_grad()
-def clip_small_weights(model: torch.nn.Module, threshold: float = 5e-4,
-                       params: Any = None) -> int:
-    """Set weights with ``|w| < threshold`` to zero, in place (the official code does this
-    after every epoch). ``params``: a regulariser (its penalised parameters), a list of
-    parameter names, or None (every parameter with 2 or more dims). Returns how many weights
-    are zero afterwards among those parameters."""
-    if not threshold >= 0:
-        raise SelectionError(f"threshold must be >= 0, got {threshold}")
-    model = unwrap(model)
-    zeros = 0
-    for n in _clip_names(model, params):
-        p = model.get_parameter(n)
-        p.masked_fill_(p.abs() < threshold, 0)
-        zeros += int((p == 0).sum())
-    return zeros
 
 
-class ElementClipping:
-    """Callback: ``clip(model, epoch)`` after each epoch zeroes weights below ``threshold``
-    every ``every`` epochs, and records how many weights are zero (``history``)."""
-
-    def __init__(self, threshold: float = 5e-4, params: Any = None, every: int = 1) -> None:
-        self.threshold, self.params, self.every = threshold, params, max(1, int(every))
-        self.history: list[tuple[int, int]] = []
-        self._calls = 0
-
-    def __call__(self, model: torch.nn.Module, epoch: int | None = None) -> int | None:
-        """Clip at the end of an epoch (every ``every``-th call); returns how many weights are
-        now zero, or None on epochs it skips."""
-        epoch = self._calls if epoch is None else epoch
-        self._calls += 1
-        if (epoch + 1) % self.every:
-            return None
-        z = clip_small_weights(model, self.threshold, self.params)
-        self.history.append((epoch, z))
-        return z

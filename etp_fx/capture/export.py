@@ -8,63 +8,27 @@ one small vocabulary of ATen ops, so the rule table needs one entry per op inste
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .fxcapture import fast_capture
+from ..errors import InputError, TraceError
+from .fast import fast_capture
+from .inputs import describe_inputs, eval_mode
 
-__all__ = ["TraceError", "InputError", "capture", "normalize_inputs"]
-
-
-class TraceError(RuntimeError):
-    """The model could not be captured; the message names the module and source line."""
+__all__ = ["capture", "batch_dynamic_shapes"]
 
 
-class InputError(ValueError):
-    """The example inputs do not fit the model; the message says what was given and expected."""
 
 
-def normalize_inputs(example_inputs: Any, kwargs: Mapping[str, Any] | None = None
-                     ) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
-    kwargs = dict(kwargs or {})
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), kwargs
-    if isinstance(example_inputs, Mapping):
-        return (), {**dict(example_inputs), **kwargs}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), kwargs
-    raise InputError(
-        f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs; got "
-        f"{type(example_inputs).__name__}. Example: etp_fx.trace(model, (torch.randn(1, 3, 224, 224),))")
 
 
-def _describe(args: Sequence, kwargs: Mapping) -> str:
-    def one(v: Any) -> str:
-        if isinstance(v, torch.Tensor):
-            return f"Tensor{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
-        return type(v).__name__
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
-    return "(" + ", ".join(parts) + ")"
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Trace in eval mode (dropout off, BatchNorm on running stats); restore every submodule's
-    own mode afterwards, even when tracing fails."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.train(t)
 
 
 class _WhereFailed:
@@ -102,7 +66,7 @@ def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     except Exception as e:  # noqa: BLE001 - we re-raise with context
         module = where.stack[-1] if where.stack else "<root>"
         raise InputError(
-            f"the model does not run on the example inputs {_describe(args, kwargs)}: in module "
+            f"the model does not run on the example inputs {describe_inputs(args, kwargs)}: in module "
             f"{module}: {type(e).__name__}: {str(e).strip().splitlines()[0]}\n"
             f"Give example inputs of the shape and dtype the model expects (for an image model "
             f"typically torch.randn(1, 3, H, W)).") from e
@@ -180,7 +144,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     fallback = "ETP_FX_CAPTURE=export" if os.environ.get("ETP_FX_CAPTURE") == "export" else (
         "method='export'" if method == "export" else "meta-device parameters" if on_meta
         else "lazy modules" if lazy else None)
-    with _eval_mode(model):
+    with eval_mode(model):
         if fallback is None:
             gm, fallback = fast_capture(model, args, kwargs, dynamic_batch=dynamic_batch)
             if gm is not None:

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from .inputs import eval_mode
+
 __all__ = ["fast_capture", "LOWER_MODULE", "LOWER_FUNCTION", "LOWER_METHOD"]
 
 aten = torch.ops.aten
@@ -620,8 +622,7 @@ def check_capture(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dic
     if gm.meta.get("etp_capture") != "fx":
         return None
     if "etp_capture_check" not in gm.meta:
-        from .capture import _eval_mode  # capture imports this module
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             got = gm(*args, **kwargs)
             want = model(*args, **kwargs)
         got_flat, got_spec = pytree.tree_flatten(got)

@@ -5,26 +5,25 @@ import copy
 import dataclasses
 import warnings
 import weakref
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .capture import normalize_inputs
-from .fxcapture import check_capture
-from .depgraph import DependencyGraph
-from .fold import FoldError, apply_folds, plan_folds
-from .plan import PlanError, check_model_matches, check_plan, kept_units
-from .rewrite import _flat_inputs, check_shapes, rewrite_module
-from .trace import structure_of, trace_args
+from ..capture import check_capture, flat_inputs, normalize_inputs
+from ..errors import FoldError, PlanError, VerificationError
+from ..graph.depgraph import DependencyGraph
+from ..graph.signature import check_model_matches, structure_of
+from ..graph.trace import trace_args
+from ..regularise.selection import Selection, selection_from
+from .fold import apply_folds, plan_folds
+from ..graph.plan import kept_units
+from .rewrite import check_shapes, rewrite_module
 from .zero import zeroed_slices
 
 __all__ = ["compress", "VerificationError"]
 
-
-class VerificationError(RuntimeError):
-    """The compressed model does not compute what the zeroed original computes."""
 
 
 def _check_weights(model: torch.nn.Module) -> None:
@@ -37,44 +36,10 @@ def _check_weights(model: torch.nn.Module) -> None:
                             f"a model, but compress() needs real weights")
 
 
-def _select(graph: DependencyGraph, model: torch.nn.Module, remove, threshold, ratio,
-            target_macs, target_params, allow_approximate: bool,
-            options: Mapping[str, Any]) -> dict[str, list[int]]:
-    given = [k for k, v in dict(remove=remove, threshold=threshold, ratio=ratio,
-                                  target_macs=target_macs, target_params=target_params).items()
-             if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of remove=, threshold=, ratio=, target_macs=, "
-                         f"target_params= (got {given or 'none'})")
-    for k in ("target_macs", "target_params"):
-        v = locals()[k]
-        if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
-            raise ValueError(f"{k} is the share of the original to keep and must lie in (0, 1]; "
-                             f"got {v!r}")
-    if ratio is not None and not (0 <= ratio < 1):
-        raise ValueError(f"ratio is the share of units to remove and must lie in [0, 1); got {ratio!r}")
-    if remove is not None:
-        return check_plan(graph, remove)
-    from . import select  # the selection strategies live in select.py
-    kw = {"allow_approximate": allow_approximate, **options}
-    if threshold is not None:
-        return select.by_threshold(graph, model, threshold, **kw)
-    if ratio is not None:
-        return select.by_ratio(graph, model, ratio, **kw)
-    if target_macs is not None:
-        return select.by_budget(graph, model, macs=target_macs, **kw)
-    return select.by_budget(graph, model, params=target_params, **kw)
-
-
-def compress(model: torch.nn.Module, example_inputs: Any, *,
-             remove: Mapping[str, Iterable[int]] | None = None,
-             threshold: float | None = None, ratio: float | None = None,
-             target_macs: float | None = None, target_params: float | None = None,
-             graph: DependencyGraph | None = None, verify: bool = True,
+def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection | None = None,
+             *, graph: DependencyGraph | None = None, verify: bool = True, rtol: float = 1e-5,
              keep_constants: bool | None = None, allow_approximate: bool = False,
-             kwargs: Mapping[str, Any] | None = None, rtol: float = 1e-5,
-             dynamic_batch: bool = True,
-             select_options: Mapping[str, Any] | None = None) -> fx.GraphModule:
+             dynamic_batch: bool = True, **select_forms: Any) -> fx.GraphModule:
     """Remove units and return a dense, smaller ``torch.fx.GraphModule``.
 
     The result computes what ``zero_units(copy(model), graph, plan)`` computes (the *zeroed
@@ -86,10 +51,16 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
         Not modified. Compressed in eval mode (BatchNorm on running statistics, dropout off);
         a model in training mode gets a warning.
     example_inputs : Tensor, tuple or dict
-        Inputs the result is traced for (shapes are static, as in ``torch.export``).
-    remove, threshold, ratio, target_macs, target_params
-        Exactly one: an explicit plan ``{group_id: [unit indices]}``; or a norm threshold; a
-        share of units to remove; or the share of MACs / params to keep, in (0, 1].
+        Inputs the result is traced for: a tensor, a tuple of positional inputs or a dict of
+        keyword inputs.
+    selection : Selection, optional
+        Which units go: :class:`etp_fx.Budget`, :class:`etp_fx.Ratio`,
+        :class:`etp_fx.Threshold` or :class:`etp_fx.Plan`. Or, instead, exactly one keyword
+        form (sugar for the same values): ``remove={group_id: [unit indices]}`` (a Plan),
+        ``threshold=`` (a Threshold), ``ratio=`` (a Ratio), ``target_macs=`` /
+        ``target_params=`` (a Budget: the share of MACs / params to keep, in (0, 1]), plus the
+        selection's own options, e.g. ``ratio=0.5, scope="global"`` or ``threshold=0.02,
+        relative=True``. An option the selection does not take is an error.
     graph : DependencyGraph, optional
         A graph traced from this model, to avoid tracing again. With ``dynamic_batch=False``
         its capture is reused (no second ``torch.export``) when the model has the module tree
@@ -103,17 +74,15 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
         float64 (ill-conditioned ops, such as a norm over two features, amplify rounding);
         the model is returned only if they agree there to 1e-9 (``float64_rel_diff`` in the
         report).
+    rtol : float
+        The verification tolerance, relative to the output's scale.
     keep_constants : bool, optional
         Keep the per-unit biases and norm shifts of removed units and fold their constants into
-        the consumers. Default: False for ``remove=`` (units are zeroed whole), True for the
+        the consumers. Default: False for a Plan (units are zeroed whole), True for the
         norm-based selections (trained biases are preserved).
     allow_approximate : bool
         Allow removing units of groups whose removal is approximate (norms over the pruned dim).
         Verification then reports the deviation instead of raising.
-    select_options : dict, optional
-        Passed to the selection (:mod:`etp_fx.select`), e.g. ``{"relative": True}`` for a
-        threshold relative to each group's largest unit, ``{"round_to": 8}``, ``{"scope":
-        "global"}``.
     dynamic_batch : bool
         Keep dim 0 of the inputs symbolic, so the result accepts any batch size (where the
         model's code allows; otherwise the example's sizes are kept). A batch of 1 is traced as
@@ -124,24 +93,32 @@ def compress(model: torch.nn.Module, example_inputs: Any, *,
     torch.fx.GraphModule
         With ``meta["etp_report"]``: params and MACs before and after, each changed group (old
         width, new width, exactness), folds and the verified deviation.
+
+    Examples
+    --------
+    >>> import torch, etp_fx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> small = etp_fx.compress(net, torch.randn(2, 4), ratio=0.5, scope="global")
+    >>> small.meta["etp_report"]["params_after"] < small.meta["etp_report"]["params_before"]
+    True
     """
+    selection = selection_from(selection, **select_forms)
     _check_weights(model)
-    args, kw = normalize_inputs(example_inputs, kwargs)
+    args, kw = normalize_inputs(example_inputs)
     if model.training:
         warnings.warn("compress() treats the model as in eval mode (BatchNorm uses running "
                       "statistics, dropout is off); the model you passed is left in training "
                       "mode", stacklevel=2)
     graph = graph if graph is not None else trace_args(model, args, kw)
     check_model_matches(graph, model)
-    plan = _select(graph, model, remove, threshold, ratio, target_macs, target_params,
-                   allow_approximate, dict(select_options or {}))
+    plan = selection.select(graph, model, allow_approximate=allow_approximate)
     approximate = [gid for gid in plan if not graph[gid].exact]
     if approximate and not allow_approximate:
         raise PlanError(f"removing units of {approximate[:3]} is approximate "
                         f"({graph[approximate[0]].inexact_reasons[0].split(' at ')[0]}); pass "
                         f"allow_approximate=True to accept that")
     if keep_constants is None:
-        keep_constants = remove is None
+        keep_constants = selection.keeps_constants
     # a trace that holds for any batch size serves a batch-dynamic result as it is
     dynamic_capture = dynamic_batch and not _batch_generic(graph, model, args, kw)
     if dynamic_capture:  # export specialises a size of 1: trace a batch of two identical halves
@@ -178,7 +155,7 @@ def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
     is captured once more, unzeroed; zeroing is done on copies of that capture. A fast-path
     capture (:mod:`etp_fx.fxcapture`) is first run against the model on the inputs; if they
     disagree, the model is exported instead."""
-    if not dynamic_capture and graph._structure == structure_of(model) and \
+    if not dynamic_capture and graph.structure == structure_of(model) and \
             _fits(graph.module, args, kw):
         base = graph
     else:
@@ -188,6 +165,12 @@ def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
     return _cached_capture(model, graph, args, kw, dynamic_capture, "export")
 
 
+# captures of a model that compress() made for other input shapes or a dynamic batch, per user
+# graph, keyed by (id of the model, dynamic_batch, input shapes): one export per key. Kept here,
+# by the pass that owns them, so that a DependencyGraph never changes after it is built.
+_CAPTURES: "weakref.WeakKeyDictionary[DependencyGraph, dict]" = weakref.WeakKeyDictionary()
+
+
 def _cached_capture(model, graph: DependencyGraph, args: tuple, kw: dict, dynamic_batch: bool,
                     method: str) -> DependencyGraph:
     """A capture of ``model`` for these inputs, remembered on ``graph`` (one at a time)."""
@@ -195,13 +178,14 @@ def _cached_capture(model, graph: DependencyGraph, args: tuple, kw: dict, dynami
     key = (id(model), dynamic_batch, method, str(spec), tuple(
         (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v)
         for v in flat))
-    hit = graph._captures.get(key)
-    if hit is not None and hit[0]() is model and hit[1]._structure == structure_of(model) \
+    cache = _CAPTURES.setdefault(graph, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is model and hit[1].structure == structure_of(model) \
             and hit[1].signature == graph.signature:
         return hit[1]
     base = trace_args(model, args, kw, dynamic_batch=dynamic_batch, method=method)
-    graph._captures.clear()  # one at a time: it holds a graph module
-    graph._captures[key] = (weakref.ref(model), base)
+    cache.clear()  # one at a time: it holds a graph module
+    cache[key] = (weakref.ref(model), base)
     return base
 
 
@@ -209,13 +193,13 @@ def _batch_generic(graph: DependencyGraph, model, args: tuple, kw: dict) -> bool
     """Is the user's trace a capture that holds for any batch size, of this model, on inputs
     of these shapes? Then it serves a batch-dynamic result as it is (no second capture)."""
     return bool(graph.module.meta.get("etp_batch_generic")) and \
-        graph._structure == structure_of(model) and _fits(graph.module, args, kw)
+        graph.structure == structure_of(model) and _fits(graph.module, args, kw)
 
 
 def _fits(gm: fx.GraphModule, args: tuple, kw: dict) -> bool:
     """Was ``gm`` captured on inputs of exactly these shapes and dtypes (static shapes)?"""
     try:
-        flat = _flat_inputs(gm, args, kw)
+        flat = flat_inputs(gm, args, kw)
     except Exception:  # noqa: BLE001 - another input structure
         return False
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -252,7 +236,7 @@ def _compress_plan(model, base, graph, plan, args, kw, keep_constants, rtol, ver
                 params[name].index_fill_(dim, idx, 0.0)
         return gm
 
-    g2 = dataclasses.replace(base, module=zeroed_original(), _cost=None)
+    g2 = dataclasses.replace(base, module=zeroed_original())
     return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol,
                             zeroed_original)
 

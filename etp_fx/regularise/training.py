@@ -4,7 +4,7 @@ Plain PyTorch needs nothing from here::
 
     reg = etp_fx.ExponentialTorque(etp_fx.trace(model, x), strength=1.0)
     loss = criterion(model(x), y) + reg(model)      # in the loop
-    small = etp_fx.compress(model, x, threshold=0.02, select_options={"relative": True})
+    small = etp_fx.compress(model, x, threshold=0.02, relative=True)
 
 What is here makes the loop pleasant:
 
@@ -22,8 +22,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .torque import RegulariserError, UnitNorms, _ord, check_signature, unit_sets_from_graph, \
-    unwrap
+from ..errors import RegulariserError
+from ..graph.signature import check_model_matches
+from .clipping import clip_small_weights
+from .norms import UnitNorms, norm_order
+from .units import unit_sets_from_graph, unwrap
 
 __all__ = ["progress", "NormHistory", "plot_norms", "ETPCallback", "ETPTrainerMixin"]
 
@@ -88,7 +91,7 @@ class NormHistory:
 
     def __init__(self, source, *, norm: Any = "l2", units: str = "group",
                  allow_approximate: bool = True) -> None:
-        self.ord = _ord(norm)
+        self.ord = norm_order(norm)
         self.norm = norm
         if hasattr(source, "unit_sets") and hasattr(source, "graph"):
             self.graph = source.graph
@@ -109,7 +112,7 @@ class NormHistory:
         """Snapshot every unit's norm (``epoch`` defaults to the number of snapshots)."""
         model = unwrap(model)
         if self._checked is not model:
-            check_signature(self.graph, model)
+            check_model_matches(self.graph, model)
             self._checked = model
         params = [model.get_parameter(n).detach() for n in self._norms.names]
         u = self._norms.values(params, self.ord)
@@ -290,7 +293,6 @@ class ETPCallback:
         """Clip tiny weights (if ``clip`` is set) and record unit norms (if ``history`` is)."""
         if model is not None:
             if self.clip is not None:
-                from .select import clip_small_weights
                 clip_small_weights(model, self.clip, self.reg)
             if self.history is not None:
                 self.history.record(model, state.epoch)

@@ -5,8 +5,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .depgraph import DependencyGraph, Member
-from .plan import check_model_matches, check_plan
+from ..graph.depgraph import DependencyGraph, Member
+from ..graph.signature import check_model_matches
+from ..graph.plan import check_plan
 
 __all__ = ["zero_units", "zeroed_slices"]
 

@@ -15,16 +15,15 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .layout import kept_indices, leaves, new_size
-from .rewrite import RewriteContext, _flat_inputs, _set_attr, slice_tensor
-from .rules.table import lookup
+from ..capture import flat_inputs
+from ..errors import FoldError
+from ..graph.layout import kept_indices, leaves, new_size
+from ..graph.rules.table import lookup
+from ..graph.tensors import get_tensor, set_tensor
+from .rewrite import RewriteContext, slice_tensor
 
 __all__ = ["FoldError", "Fold", "plan_folds", "apply_folds"]
 
-
-class FoldError(RuntimeError):
-    """Removed units carry input-dependent values into a consumer: removing them would change
-    the result."""
 
 
 @dataclass
@@ -74,7 +73,7 @@ def plan_folds(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], group_of: 
         return []
     rec = _Recorder(gm, {n.name for n, *_ in todo} | {x.name for _, _, x, _, _ in todo})
     with torch.no_grad():
-        out = rec.run(*_flat_inputs(gm, args, kwargs))
+        out = rec.run(*flat_inputs(gm, args, kwargs))
     if outputs is not None:
         outputs.append(out)
     folds = []
@@ -122,8 +121,7 @@ def _one_fold(gm, node, spec, x, d, rem, values, group_of, rtol) -> Fold | None:
 
 def _param(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
     if n.op == "get_attr":
-        mod, _, attr = str(n.target).rpartition(".")
-        return getattr(gm.get_submodule(mod) if mod else gm, attr).detach()
+        return get_tensor(gm, str(n.target)).detach()
     raise FoldError(f"cannot fold into {n.format_node()}: operand is not a weight")
 
 
@@ -187,7 +185,7 @@ def _add_to_bias(gm: fx.GraphModule, node: fx.Node, bi: int, vec: torch.Tensor, 
     b = args[bi]
     if isinstance(b, fx.Node) and b.op == "get_attr":
         old = _param(gm, b)
-        _set_attr(gm, str(b.target), (old + vec.to(old.dtype)).contiguous())
+        set_tensor(gm, str(b.target), (old + vec.to(old.dtype)).contiguous())
         return
     name = f"_etp_bias_{i}"
     gm.register_parameter(name, torch.nn.Parameter(vec.contiguous(), requires_grad=True))

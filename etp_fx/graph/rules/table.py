@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..layout import Axis, LayoutError, Term, freeze, mark_inexact, unify
+from ...errors import LayoutError
+from ..layout import Axis, Term, freeze, mark_inexact, unify
 
 __all__ = ["Rule", "FoldSpec", "RULES", "rule", "lookup", "RuleContext", "aten_ops"]
 
@@ -39,9 +40,6 @@ class Rule:
     name: str
     couple: RuleFn
     rewrite: RewriteFn | None = None
-    # ops that mix units by contraction (their weights read the units): constants of removed
-    # units can be folded into their bias
-    contracts: bool = False
     # MACs of one call as a sympy expression of the widths: ``cost(c, node)`` (see cost.py)
     cost: Callable[[Any, fx.Node], Any] | None = None
     # for ops linear in one input whose other operand is a weight: ``fold(node) -> FoldSpec``
@@ -63,7 +61,7 @@ class FoldSpec:
 RULES: dict[Any, Rule] = {}
 
 
-def rule(*ops: Any, rewrite: RewriteFn | None = None, contracts: bool = False,
+def rule(*ops: Any, rewrite: RewriteFn | None = None,
          cost: Callable[[Any, fx.Node], Any] | None = None,
          fold: Callable[[fx.Node], FoldSpec | None] | None = None):
     """Decorator: register ``fn(ctx, node)`` as the channel rule of ``ops``.
@@ -73,7 +71,7 @@ def rule(*ops: Any, rewrite: RewriteFn | None = None, contracts: bool = False,
     an earlier one, so users can override built-in rules.
     """
     def deco(fn: RuleFn) -> RuleFn:
-        r = Rule(fn.__name__, fn, rewrite, contracts, cost, fold)
+        r = Rule(fn.__name__, fn, rewrite, cost, fold)
         for op in ops:
             RULES[op] = r
         fn.rule = r  # type: ignore[attr-defined]
@@ -156,10 +154,12 @@ class RuleContext:
         return None
 
     def out(self, i: int | None = None) -> list[Term]:
+        """The layouts of the node's output dims (of output ``i`` for a tuple output)."""
         d = self.dims_of(self.node)
         return d[i] if i is not None else d
 
     def shape(self, x: Any) -> tuple[int, ...] | None:
+        """The traced shape of ``x`` (a node), or None when it is not a tensor."""
         v = x.meta.get("val") if isinstance(x, fx.Node) else None
         return tuple(size_value(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
@@ -174,13 +174,16 @@ class RuleContext:
             return False
 
     def same_all(self, xs: Sequence[Term], ys: Sequence[Term]) -> None:
+        """``same`` for each pair of dims: ``xs[i]`` indexes the same units as ``ys[i]``."""
         for a, b in zip(xs, ys):
             self.same(a, b)
 
     def freeze(self, terms: Iterable[Term], why: str) -> None:
+        """Make these dims unprunable, recording ``why`` (shown by ``inspect``)."""
         freeze(terms, f"{why} at {self.where()}")
 
     def inexact(self, terms: Iterable[Term], why: str) -> None:
+        """Mark these dims' groups approximate: removing zeroed units changes the output."""
         mark_inexact(terms, f"{why} at {self.where()}")
 
     def role(self, x: Any, dim: int, role: str) -> None:
@@ -190,9 +193,11 @@ class RuleContext:
             self.roles.setdefault((str(x.target), dim % len(self.dims(x))), set()).add(role)
 
     def fresh(self, size: int, why: str = "") -> Axis:
+        """A new axis of ``size`` units, unrelated to any other until unified."""
         return Axis(size, why or self.node.name)
 
     def where(self) -> str:
+        """The node being ruled on, formatted for error messages."""
         return self.node.format_node()
 
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from .layout import Axis, Term, resolve
 from .rules.table import lookup
+from .tensors import get_tensor
 
 __all__ = ["CostModel"]
 
@@ -102,13 +103,12 @@ class CostModel:
         self._sympy: dict[str, Any] = {}
         gm: fx.GraphModule = graph.module
         # each parameter tensor once, however many names (ties) or get_attr nodes reach it
-        from .depgraph import attr_tensor
         seen: set[int] = set()
         params: Any = 0
         for node in gm.graph.nodes:
             name = str(node.target)
             if node.op == "get_attr" and name in graph.param_names:
-                key = id(attr_tensor(gm, name))
+                key = id(get_tensor(gm, name))
                 if key not in seen:
                     seen.add(key)
                     params = params + self.numel(node)

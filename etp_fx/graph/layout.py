@@ -28,9 +28,7 @@ __all__ = [
 ]
 
 
-class LayoutError(ValueError):
-    """Two layouts could not be reconciled (the caller freezes what they touch)."""
-
+from ..errors import LayoutError
 
 _ids = itertools.count()
 

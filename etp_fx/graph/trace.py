@@ -5,15 +5,13 @@ from typing import Any, Mapping
 
 import torch
 
-from .capture import capture, normalize_inputs
+from ..capture import capture, normalize_inputs
 from .depgraph import DependencyGraph, build_graph
+from .signature import signature_of, structure_of
 
 __all__ = ["trace", "trace_args", "signature_of", "structure_of"]
 
 
-def signature_of(model: torch.nn.Module) -> tuple:
-    """Names and shapes of the parameters: what a graph must match to be used on a model."""
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, *,
@@ -54,13 +52,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
 def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
                dynamic_batch: bool = False, method: str = "auto") -> DependencyGraph:
     """:func:`trace` on already normalised positional and keyword inputs."""
-    g = build_graph(capture(model, args, kwargs, dynamic_batch=dynamic_batch, method=method),
-                    signature_of(model))
-    g._structure = structure_of(model)
-    return g
+    gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch, method=method)
+    return build_graph(gm, signature_of(model), structure_of(model))
 
 
-def structure_of(model: torch.nn.Module) -> tuple:
-    """The module tree, ``(qualified name, class)`` per module: what a capture must match to
-    stand for a model's code (parameters alone do not tell a ReLU from a GELU)."""
-    return tuple((n, type(m).__module__, type(m).__qualname__) for n, m in model.named_modules())

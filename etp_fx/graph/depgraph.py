@@ -6,6 +6,7 @@ inputs and outputs are frozen. Each unfrozen leaf axis that reaches a parameter 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -14,8 +15,11 @@ import torch
 import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
+from .cost import CostModel
+from .describe import group_networkx, summary_table, to_dot
 from .layout import Axis, Prod, Term, freeze, leaves, resolve, size_of, unify
 from .rules.table import RuleContext, data_dependent, lookup, size_value
+from .tensors import get_tensor
 
 __all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
 
@@ -76,7 +80,7 @@ class ChannelGroup:
         return self.axis.uid
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class DependencyGraph:
     """Coupled-channel groups of one traced model. Build it with :func:`etp_fx.trace`."""
 
@@ -86,13 +90,9 @@ class DependencyGraph:
     frozen_reasons: dict[str, list[str]]
     param_names: frozenset[str]
     signature: tuple
-    _cost: Any = field(default=None, repr=False)
-    # captures of the same model that compress() made for other input shapes or a dynamic
-    # batch, keyed by (id of the model, dynamic_batch, input shapes): one export per key
-    _captures: dict = field(default_factory=dict, repr=False, compare=False)
     # the traced model's module tree, (name, class) per module: compress() reuses this
     # graph's capture only for a model with the same tree (empty: unknown, never reused)
-    _structure: tuple = field(default=(), repr=False, compare=False)
+    structure: tuple = field(default=(), repr=False)
 
     def __getitem__(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -104,29 +104,24 @@ class DependencyGraph:
         """The group with id ``gid`` (the same as ``graph[gid]``)."""
         return self[gid]
 
-    @property
-    def cost(self):
-        """The symbolic cost model (params and MACs as functions of group widths)."""
-        if self._cost is None:
-            from .cost import CostModel
-            self._cost = CostModel(self)
-        return self._cost
+    @functools.cached_property
+    def cost(self) -> CostModel:
+        """The cost model (params and MACs as functions of group widths), built on first use
+        (a memo of the graph's own facts: the graph itself never changes)."""
+        return CostModel(self)
 
     def summary(self, max_rows: int | None = None) -> str:
         """A text table of the groups (id, units, kind, exactness, members), then barriers and
         frozen channels with their reasons; ``max_rows`` caps the group rows."""
-        from .report import summary_table
         return summary_table(self, max_rows=max_rows)
 
     def to_networkx(self) -> nx.Graph:
         """A bipartite networkx graph: one node per group and one per parameter, an edge for
         each parameter dim that holds the group's units."""
-        from .report import group_networkx
         return group_networkx(self)
 
     def to_dot(self) -> str:
         """The group graph in Graphviz DOT format."""
-        from .report import to_dot
         return to_dot(self)
 
     def __repr__(self) -> str:
@@ -169,12 +164,9 @@ def _all_terms(d: Any) -> Iterator[Term]:
             yield from part
 
 
-def _tensor_args(node: fx.Node) -> Iterator[fx.Node]:
-    for a in node.all_input_nodes:
-        yield a
 
 
-def build_graph(gm: fx.GraphModule, signature: tuple = ()) -> DependencyGraph:
+def build_graph(gm: fx.GraphModule, signature: tuple = (), structure: tuple = ()) -> DependencyGraph:
     """Run every node's rule over ``gm`` and collect the groups."""
     for node in gm.graph.nodes:
         node.meta["etp_dims"] = _fresh_dims(node)
@@ -198,12 +190,9 @@ def build_graph(gm: fx.GraphModule, signature: tuple = ()) -> DependencyGraph:
     params = frozenset(n for n, _ in gm.named_parameters(remove_duplicate=False))
     buffers = frozenset(n for n, _ in gm.named_buffers(remove_duplicate=False))
     groups, frozen = _collect_groups(gm, roles, params, buffers)
-    return DependencyGraph(gm, groups, barriers, frozen, params, signature)
+    return DependencyGraph(gm, groups, barriers, frozen, params, signature, structure)
 
 
-def attr_tensor(gm: fx.GraphModule, name: str) -> object:
-    mod, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(mod) if mod else gm, attr)
 
 
 def _couple_aliases(gm: fx.GraphModule) -> None:
@@ -213,7 +202,7 @@ def _couple_aliases(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not isinstance(node.meta.get("etp_dims"), list):
             continue
-        key = id(attr_tensor(gm, str(node.target)))
+        key = id(get_tensor(gm, str(node.target)))
         if key in first:
             for a, b in zip(first[key].meta["etp_dims"], node.meta["etp_dims"]):
                 unify(a, b)
@@ -346,6 +335,4 @@ def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> st
 
 
 def _ndim(gm: fx.GraphModule, name: str) -> int:
-    mod, _, attr = name.rpartition(".")
-    t = getattr(gm.get_submodule(mod) if mod else gm, attr)
-    return t.dim()
+    return get_tensor(gm, name).dim()

@@ -24,296 +24,40 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .distance import DistanceError, check_pivots, group_distances, multi_source_distances, \
+from ..errors import DistanceError, RegulariserError
+from ..graph.signature import check_model_matches
+from .norms import UnitNorms, norm_order, sqrt0
+from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
+from ..graph.distance import check_pivots, group_distances, multi_source_distances, \
     resolve_unit_graph
 
-__all__ = ["ExponentialTorque", "Torque", "UnitSet", "UnitNorms", "RegulariserError",
-           "unit_sets_from_graph", "paper_unit_sets"]
+__all__ = ["ExponentialTorque", "Torque"]
 
-
-class RegulariserError(ValueError):
-    """The regulariser cannot be built or applied as asked; the message says what to change."""
 
 
 # --- unit sets ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class UnitSet:
-    """Units that share one distance structure: a channel group, or one layer's output rows.
-
-    ``slices`` are ``(parameter name, dim, coords)`` with ``coords[i]`` the unit of index ``i``
-    along ``dim`` (-1: not a unit of this set)."""
-
-    id: str
-    size: int
-    unit_kind: str
-    slices: tuple[tuple[str, int, tuple[int, ...]], ...]
-    exact: bool = True
 
 
-def parameter_aliases(graph) -> dict[str, str]:
-    """``{name: canonical name}`` for parameters reachable under several names (tied weights:
-    a language model's ``lm_head.weight`` is its ``embed_tokens.weight``). The canonical name
-    is the one ``model.named_parameters()`` lists, i.e. the one in ``graph.signature``."""
-    listed = {n for n, _ in graph.signature}
-    by_id: dict[int, list[str]] = {}
-    for n, p in graph.module.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(n)
-    out = {}
-    for names in by_id.values():
-        canon = next((n for n in names if n in listed), names[0])
-        for n in names:
-            out[n] = canon
-    return out
 
 
-def _dedupe(slices) -> tuple:
-    return tuple(dict.fromkeys(slices))
 
 
-def unit_sets_from_graph(graph, *, units: str = "group", include: Any = None,
-                         allow_approximate: bool = False) -> list[UnitSet]:
-    """One :class:`UnitSet` per channel group of ``graph``.
-
-    ``units="group"``: every parameter slice of the group (producer rows, consumer columns, norm
-    and bias vectors, elementwise parameters); ``"producer"``: only slices with role ``out``.
-    Buffers are never penalised. ``include``: group ids and/or unit kinds, or a predicate.
-    Approximate groups are skipped unless ``allow_approximate``."""
-    if units not in ("group", "producer"):
-        raise RegulariserError(f"units must be 'group' or 'producer', got {units!r}")
-    groups = list(graph.groups)
-    if include is not None:
-        if callable(include):
-            groups = [g for g in groups if include(g)]
-        else:
-            wanted = {include} if isinstance(include, str) else set(include)
-            known = {g.id for g in groups} | {g.unit_kind for g in groups} | {
-                "channel", "neuron", "head", "head-dim"}
-            unknown = wanted - known
-            if unknown:
-                raise RegulariserError(f"include: unknown group ids or unit kinds "
-                                       f"{sorted(unknown)[:3]}; see graph.summary()")
-            groups = [g for g in groups if g.id in wanted or g.unit_kind in wanted]
-    out = []
-    alias = parameter_aliases(graph)
-    for g in groups:
-        if not g.exact and not allow_approximate:
-            continue
-        sl = _dedupe((alias.get(m.name, m.name), m.dim, tuple(m.coords)) for m in g.members
-                     if not m.is_buffer and (units == "group" or "out" in m.roles))
-        if sl:
-            out.append(UnitSet(g.id, g.size, g.unit_kind, sl, g.exact))
-    return out
 
 
-_CONV_LINEAR = ("conv1d", "conv2d", "conv3d", "convolution", "linear")
 
 
-def paper_unit_sets(graph, min_outputs: int = 10) -> list[UnitSet]:
-    """The official code's units: output rows of every Conv and Linear weight with more than
-    ``min_outputs`` rows, one set per layer (weights found as the weight argument of the
-    convolution and linear ops of the traced graph)."""
-    shapes = dict(graph.signature)
-    alias = parameter_aliases(graph)
-    seen, out = set(), []
-    for node in graph.module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
-        if name not in _CONV_LINEAR or len(node.args) < 2:
-            continue
-        if name == "convolution" and len(node.args) > 6 and node.args[6]:
-            continue  # transposed: rows are inputs
-        w = node.args[1]
-        if getattr(w, "op", None) != "get_attr":
-            continue
-        wname = alias.get(str(w.target), str(w.target))
-        if wname in seen or wname not in shapes:
-            continue
-        seen.add(wname)
-        c = shapes[wname][0]
-        if c > min_outputs:
-            out.append(UnitSet(wname, c, "row", ((wname, 0, tuple(range(c))),)))
-    return out
 
 
 # --- the vectorised norm machinery ----------------------------------------------------------
 
-class UnitNorms:
-    """Per-unit norms of many unit sets in a few tensor ops.
-
-    Built once from the unit sets and the parameter shapes. Every distinct (parameter, dim)
-    that holds units is a *slot*; :meth:`slot_vector` concatenates, for all slots, the norm of
-    each index's slice (one reduction per parameter), and a precomputed index turns that into
-    per-unit norms with one ``index_add``."""
-
-    def __init__(self, unit_sets: Sequence[UnitSet], shapes: Mapping[str, tuple[int, ...]]):
-        self.unit_sets = list(unit_sets)
-        names: list[str] = []
-        dims: dict[str, set[int]] = {}
-        for s in self.unit_sets:
-            for name, d, _ in s.slices:
-                if name not in shapes:
-                    raise RegulariserError(f"parameter {name!r} of group {s.id} is not a "
-                                           f"parameter of the traced model")
-                if name not in dims:
-                    names.append(name)
-                    dims[name] = set()
-                dims[name].add(d)
-        self.names = names
-        self.shapes = [tuple(shapes[n]) for n in names]
-        # per parameter: (unit dims, other dims, slot offsets, broadcast shapes of unit dims)
-        self.specs: list[tuple[tuple[int, ...], tuple[int, ...], list[int], list[tuple]]] = []
-        slot_offset: dict[tuple[str, int], int] = {}
-        off = 0
-        for name, shape in zip(names, self.shapes):
-            nd = len(shape)
-            ud = tuple(sorted(dims[name]))
-            other = tuple(i for i in range(nd) if i not in dims[name])
-            offs, bshapes = [], []
-            for d in ud:
-                slot_offset[(name, d)] = off
-                offs.append(off)
-                bshapes.append(tuple(shape[d] if i == d else 1 for i in range(nd)))
-                off += shape[d]
-            self.specs.append((ud, other, offs, bshapes))
-        self.length = off
-        per_index = np.zeros(off)  # weights behind each slot position
-        for name, shape, (ud, _, offs, _) in zip(names, self.shapes, self.specs):
-            numel = int(np.prod(shape)) if shape else 1
-            for d, o in zip(ud, offs):
-                per_index[o: o + shape[d]] = numel // shape[d]
-        self.offsets: dict[str, int] = {}
-        n = 0
-        src, dst = [], []
-        for s in self.unit_sets:
-            self.offsets[s.id] = n
-            for name, d, coords in s.slices:
-                c = np.asarray(coords, dtype=np.int64)
-                idx = np.nonzero(c >= 0)[0]
-                src.append(slot_offset[(name, d)] + idx)
-                dst.append(n + c[idx])
-            n += s.size
-        self.n_units = n
-        src_a = np.concatenate(src) if src else np.zeros(0, np.int64)
-        dst_a = np.concatenate(dst) if dst else np.zeros(0, np.int64)
-        self.src, self.dst = src_a, dst_a
-        # how many weights each unit owns (over all its slices)
-        self.unit_numel = np.bincount(dst_a, weights=per_index[src_a], minlength=n)
-        # each position of the slot vector feeds at most one unit: no gather needed
-        self.one_to_one = len(np.unique(src_a)) == len(src_a)
-        full = np.full(self.length, n, dtype=np.int64)  # position n: a dump slot
-        if self.one_to_one:
-            full[src_a] = dst_a
-        self.dst_full = full
-        self._dev: torch.device | None = None
-        self._t: dict[str, torch.Tensor] = {}
-
-    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if self._dev != device:
-            self._t = {"src": torch.as_tensor(self.src, device=device),
-                       "dst": torch.as_tensor(self.dst, device=device),
-                       "dst_full": torch.as_tensor(self.dst_full, device=device)}
-            self._dev = device
-        return self._t
-
-    # -- the reductions
-    @staticmethod
-    def _reduce(w: torch.Tensor, ud: tuple[int, ...], other: tuple[int, ...], ord: float
-                ) -> torch.Tensor:
-        """Reduce |w| (L1), w**2 (squared L2) or |w| (max) over the ``other`` dims, in float32.
-
-        Output rows of a contiguous weight reduce as one contiguous block with a fused
-        ``vector_norm``; other layouts materialise ``|w|`` first (CPU ``vector_norm`` is slow on
-        short inner blocks)."""
-        if not other:
-            m = w.float()
-            return m.square() if ord == 2 else m.abs()
-        k = len(ud)
-        leading = ud == tuple(range(k)) and other == tuple(range(k, w.dim()))
-        if leading and w.is_contiguous() and not torch.compiler.is_compiling():
-            rows = w.reshape(-1, math.prod(w.shape[k:]))
-            if ord == 2 and k == 1:  # CPU's L2 row norm is fast: 8x an elementwise pass
-                return torch.linalg.vector_norm(rows, 2, dim=1, dtype=torch.float32).square()
-            if ord in (1, 2):  # |w| or w^2 then a BLAS row sum: 2-4x CPU's reductions
-                a = rows.float().abs() if ord == 1 else rows.float().square()
-                return a.mv(a.new_ones(a.shape[1])).view(w.shape[:k])
-        if torch.compiler.is_compiling():  # inductor fuses this into one reduction
-            m = torch.linalg.vector_norm(w, ord, dim=other, dtype=torch.float32)
-            return m.square() if ord == 2 else m
-        a = w.float().square() if ord == 2 else w.float().abs()
-        return a.amax(dim=other) if ord == math.inf else a.sum(dim=other)
-
-    def slot_parts(self, params: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
-        parts = []
-        for w, (ud, other, _, _) in zip(params, self.specs):
-            m = self._reduce(w, ud, other, ord)
-            if len(ud) == 1:
-                parts.append(m)
-                continue
-            for k in range(len(ud)):  # several unit dims of one parameter (rows and columns)
-                rest = tuple(j for j in range(len(ud)) if j != k)
-                parts.append(m.amax(dim=rest) if ord == math.inf else m.sum(dim=rest))
-        return parts
-
-    def slot_vector(self, params: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
-        """For every slot: the L1 norm, the squared L2 norm, or the max |w| of each index's
-        slice, concatenated (length :attr:`length`)."""
-        parts = self.slot_parts(params, ord)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def scatter(self, r: torch.Tensor, ord: float) -> torch.Tensor:
-        """Slot vector -> per-unit sums (or maxima)."""
-        t = self.tensors(r.device)
-        if not self.one_to_one:
-            r = r.index_select(0, t["src"])
-            idx = t["dst"]
-        else:
-            idx = t["dst_full"]
-        base = r.new_zeros(self.n_units + 1)
-        if ord == math.inf:
-            return base.scatter_reduce(0, idx, r, reduce="amax", include_self=True)[: self.n_units]
-        return base.index_add(0, idx, r)[: self.n_units]
-
-    def values(self, params: Sequence[torch.Tensor], ord: float = 2) -> torch.Tensor:
-        """All units' norms, concatenated in unit-set order (``offsets`` gives each start)."""
-        u = self.scatter(self.slot_vector(params, ord), ord)
-        return _sqrt0(u) if ord == 2 else u
-
-    def slot_coefficients(self, unit_coef: torch.Tensor) -> torch.Tensor:
-        """Per-unit coefficients -> per-slot-position coefficients (sum over the units each
-        position feeds)."""
-        t = self.tensors(unit_coef.device)
-        out = unit_coef.new_zeros(self.length)
-        return out.index_add(0, t["src"], unit_coef.index_select(0, t["dst"]))
-
-    def broadcast(self, slot_coef: torch.Tensor) -> list[torch.Tensor]:
-        """Per parameter, the per-element coefficient as a small broadcastable tensor: the sum
-        of the slot coefficients of its unit dims (shape ``[O, I, 1, 1]`` for a conv weight in
-        two groups)."""
-        out = []
-        for ud, _, offs, bshapes in self.specs:
-            c = None
-            for off, bs in zip(offs, bshapes):
-                n = max(bs)
-                part = slot_coef[off: off + n].view(bs)
-                c = part if c is None else c + part
-            out.append(c)
-        return out
-
-    def split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.id: u[self.offsets[s.id]: self.offsets[s.id] + s.size] for s in self.unit_sets}
 
 
-def _sqrt0(u: torch.Tensor) -> torch.Tensor:
-    """sqrt with sqrt(0) = 0 exactly and a zero (not NaN) gradient there."""
-    return torch.where(u > 0, u.clamp_min(1e-30).sqrt(), torch.zeros_like(u))
 
 
 class _Penalty(torch.autograd.Function):
@@ -332,7 +76,7 @@ class _Penalty(torch.autograd.Function):
                 pen = torch.dot(r, coef)
                 scale = None
             else:
-                u = _sqrt0(norms.scatter(r, 2))
+                u = sqrt0(norms.scatter(r, 2))
                 pen = torch.dot(u, coef)
                 scale = coef / u  # d N_u / d w = w / N_u
                 scale = torch.where(u > 0, scale, torch.zeros_like(scale))
@@ -358,53 +102,12 @@ class _Penalty(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-_ORD = {"l1": 1, "l2": 2, "linf": math.inf, 1: 1, 2: 2, math.inf: math.inf}
 
 
-def _ord(norm: Any) -> float:
-    try:
-        return _ORD[norm]
-    except (KeyError, TypeError):
-        raise RegulariserError(f"norm must be 'l1', 'l2' (or 'linf' for monitoring), got "
-                               f"{norm!r}") from None
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel / torch.compile."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel,
-                                torch.nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
-def check_signature(graph, model: torch.nn.Module) -> None:
-    """Refuse a graph traced from another model (parameter names and shapes must match)."""
-    from .trace import signature_of
-    got = signature_of(model)
-    want = tuple(graph.signature)
-    if got == want:
-        return
-    gd, wd = dict(got), dict(want)
-    missing = [n for n in wd if n not in gd][:3]
-    extra = [n for n in gd if n not in wd][:3]
-    shape = [f"{n}: traced {wd[n]}, model {gd[n]}" for n in wd if n in gd and gd[n] != wd[n]][:3]
-    parts = []
-    if missing:
-        parts.append(f"parameters missing from the model: {missing}")
-    if extra:
-        parts.append(f"parameters the traced model lacks: {extra}")
-    if shape:
-        parts.append(f"different shapes: {shape}")
-    if not parts:
-        parts.append("the parameters are in a different order")
-    raise RegulariserError(
-        f"this graph was traced from a different model ({type(model).__name__} has "
-        f"{len(got)} parameters, the graph {len(want)}): " + "; ".join(parts) +
-        ". Trace the model you train: etp_fx.trace(model, example_inputs).")
 
 
 # --- the penalties -----------------------------------------------------------------------------
@@ -437,7 +140,7 @@ class _TorqueBase:
         self.strength = float(strength)
         self.preset = preset
         self.norm = norm
-        self.ord = _ord(norm)
+        self.ord = norm_order(norm)
         if self.ord not in (1, 2):
             raise RegulariserError(f"norm must be 'l1' or 'l2' for a penalty, got {norm!r}")
         self.check_finite = check_finite
@@ -572,7 +275,7 @@ class _TorqueBase:
     def _initial_norms(self, model: torch.nn.Module | None) -> dict[str, np.ndarray]:
         src = unwrap(model) if model is not None else self.graph.module
         if model is not None:
-            check_signature(self.graph, src)
+            check_model_matches(self.graph, src)
         params = [src.get_parameter(n) for n in self.names]
         if any(p.device.type == "meta" for p in params):
             raise RegulariserError(
@@ -594,7 +297,7 @@ class _TorqueBase:
         b = self._bound
         if b is not None and b[0]() is model:
             return b[1]
-        check_signature(self.graph, model)
+        check_model_matches(self.graph, model)
         params = [model.get_parameter(n) for n in self.names]
         self._bound = (weakref.ref(model), params)
         return params
@@ -653,7 +356,7 @@ class _TorqueBase:
         """Each unit set's per-unit norms (detached), in this regulariser's units."""
         params = self._params(model)
         with torch.no_grad():
-            u = self.norms.values([p.detach() for p in params], _ord(norm or self.norm))
+            u = self.norms.values([p.detach() for p in params], norm_order(norm or self.norm))
         return self.norms.split(u)
 
     def near_zero(self, model: torch.nn.Module, tol: float = 5e-4) -> int:

@@ -8,7 +8,6 @@ A rule's ``rewrite`` hook, when present, fixes the op's shape arguments after pr
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -93,7 +92,7 @@ def _is_weight(x: Any) -> bool:
     return isinstance(x, fx.Node) and x.op == "get_attr"
 
 
-@rule(*aten_ops("linear"), contracts=True, cost=_linear_macs,
+@rule(*aten_ops("linear"), cost=_linear_macs,
       fold=lambda n: FoldSpec(x=0, dim=-1, bias=2, out_dim=-1) if _is_weight(n.args[1]) else None)
 def linear(ctx: RuleContext, node: fx.Node) -> None:
     # y[..., o] = x[..., i] W[o, i] + b[o]:  x[-1] ~ W[1] (in),  y[-1] ~ W[0] ~ b[0] (out)
@@ -180,7 +179,7 @@ def _conv_fold(n: fx.Node) -> FoldSpec | None:
     return FoldSpec(x=0, dim=d, bias=2, out_dim=d) if _is_weight(n.args[1]) else None
 
 
-@rule(*aten_ops("conv1d", "conv2d", "conv3d"), rewrite=_conv_groups_rewrite, contracts=True,
+@rule(*aten_ops("conv1d", "conv2d", "conv3d"), rewrite=_conv_groups_rewrite,
       cost=_conv_macs, fold=_conv_fold)
 def conv(ctx: RuleContext, node: fx.Node) -> None:
     # conv(x, W, b, stride, padding, dilation, groups)
@@ -192,13 +191,13 @@ def _conv_transpose_rewrite(r: Any, node: fx.Node) -> None:
 
 
 @rule(*aten_ops("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
-      rewrite=_conv_transpose_rewrite, contracts=True, cost=_conv_macs, fold=_conv_fold)
+      rewrite=_conv_transpose_rewrite, cost=_conv_macs, fold=_conv_fold)
 def conv_transpose(ctx: RuleContext, node: fx.Node) -> None:
     # conv_transpose(x, W, b, stride, padding, output_padding, groups, dilation)
     _couple_conv(ctx, node, True, int(ctx.arg(6, "groups", 1)), 6)
 
 
-@rule(*aten_ops("convolution"), rewrite=_conv_groups_rewrite, contracts=True, cost=_conv_macs,
+@rule(*aten_ops("convolution"), rewrite=_conv_groups_rewrite, cost=_conv_macs,
       fold=_conv_fold)
 def convolution(ctx: RuleContext, node: fx.Node) -> None:
     # convolution(x, W, b, stride, padding, dilation, transposed, output_padding, groups)
@@ -239,13 +238,13 @@ def _matmul_fold(n: fx.Node) -> FoldSpec | None:
     return FoldSpec(x=0, dim=-1, bias=None, out_dim=-1) if _is_weight(n.args[1]) else None
 
 
-@rule(*aten_ops("matmul", "mm", "bmm"), contracts=True, cost=_matmul_macs, fold=_matmul_fold)
+@rule(*aten_ops("matmul", "mm", "bmm"), cost=_matmul_macs, fold=_matmul_fold)
 def matmul(ctx: RuleContext, node: fx.Node) -> None:
     # y = a @ b (numpy matmul semantics)
     _matmul_dims(ctx, node.args[0], node.args[1], ctx.out())
 
 
-@rule(*aten_ops("addmm", "baddbmm"), contracts=True, cost=_matmul_macs,
+@rule(*aten_ops("addmm", "baddbmm"), cost=_matmul_macs,
       fold=lambda n: FoldSpec(x=1, dim=-1, bias=0, out_dim=-1) if _is_weight(n.args[2]) else None)
 def addmm(ctx: RuleContext, node: fx.Node) -> None:
     # y = beta*c + alpha*(a @ b): a @ b as matmul, c broadcast onto y
@@ -263,7 +262,7 @@ def _einsum_macs(c: Any, node: fx.Node) -> Any:
     return out
 
 
-@rule(*aten_ops("einsum"), contracts=True, cost=_einsum_macs)
+@rule(*aten_ops("einsum"), cost=_einsum_macs)
 def einsum(ctx: RuleContext, node: fx.Node) -> None:
     # every letter is one axis: dims that share a letter ~ each other (output included)
     eq, ops = node.args[0], node.args[1]
@@ -300,7 +299,7 @@ def _sdpa_macs(c: Any, node: fx.Node) -> Any:
     return c.numel(node.args[0]) * s_len + c.numel(node) * s_len
 
 
-@rule(*aten_ops("scaled_dot_product_attention"), rewrite=_sdpa_rewrite, contracts=True,
+@rule(*aten_ops("scaled_dot_product_attention"), rewrite=_sdpa_rewrite,
       cost=_sdpa_macs)
 def sdpa(ctx: RuleContext, node: fx.Node) -> None:
     # softmax(q[...,L,E] k[...,S,E]^T) v[...,S,Ev]: q[-1] ~ k[-1]; k[-2] ~ v[-2]; y[-1] ~ v[-1];
@@ -332,7 +331,7 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> None:
     node.meta["etp_rule_data"] = {"E": qs[-1]}
 
 
-@rule(*aten_ops("embedding"), contracts=True)
+@rule(*aten_ops("embedding"))
 def embedding(ctx: RuleContext, node: fx.Node) -> None:
     # y[..., d] = W[ids[...], d]: y[:-1] ~ ids, y[-1] ~ W[1] (out); W[0] indexed -> frozen
     w, ids = node.args[0], node.args[1]

@@ -26,14 +26,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import networkx as nx
 import numpy as np
 
+from ..errors import DistanceError
+
 __all__ = [
     "DistanceError", "chain_graph", "index_graph", "importance_graph", "multi_source_distances",
     "check_pivots", "group_graph", "group_distances", "BUILTIN",
 ]
 
-
-class DistanceError(ValueError):
-    """A unit graph or pivot set is unusable; the message names the group and what is wrong."""
 
 
 def chain_graph(n: int, order: Sequence[int] | None = None) -> nx.Graph:

@@ -1,0 +1,2 @@
+"""The package version (one place, read by the CLI and the package)."""
+__version__ = "0.1.0"
