@@ -191,44 +191,75 @@ def render_svg(graph, *, removed: Mapping[str, Iterable[int]] | None = None,
     return _render_svg(graph, _check_removed(graph, removed), group_shares(graph), title)
 
 
-def _render_svg(graph, removed: dict[str, list[int]], shares, title: str | None) -> str:
-    rows, groups, lanes = _layout(graph, removed, shares)
+@dataclass
+class _Canvas:
+    """Where things go in the lane diagram: columns, box width, page size."""
+
+    x0: float        # left margin
+    lx: float        # left edge of the lanes
+    bx: float        # left edge of the boxes
+    bw: float        # box width
+    width: int
+    height: int
+    body_bottom: float
+
+
+_LEGEND_WORDS = ("exact group", "approximate group", "removed unit", "writes (out)",
+                 "reads (in)", "per-unit vector", "elementwise")
+
+
+def _canvas(graph, rows, groups, lanes: int) -> _Canvas:
     label_chars = max([len(r.owner) + len(r.suffix()) + 2 for r in rows] + [20])
     x0 = 10
-    lx = x0 + label_chars * CHAR_W + 14          # left edge of the lanes
-    bx = lx + max(lanes, 1) * LANE_W + 36          # left edge of the boxes
+    lx = x0 + label_chars * CHAR_W + 14
+    bx = lx + max(lanes, 1) * LANE_W + 36
     id_chars = max([len(g.grp.id) for g in groups] + [0])
     info_chars = max([len(_info(g)) for g in groups] + [0])
     bw = max(id_chars * CHAR_W, BAR_W + 8 + info_chars * CHAR_W * 10 / 11) + 14
-    legend_words = ("exact group", "approximate group", "removed unit", "writes (out)",
-                    "reads (in)", "per-unit vector", "elementwise")
-    legend_w = x0 + sum(34 + len(w) * CHAR_W for w in legend_words) + 10
-    width = int(max(bx + bw + 12, legend_w))
+    legend_w = x0 + sum(34 + len(w) * CHAR_W for w in _LEGEND_WORDS) + 10
     body_bottom = max(TOP + len(rows) * ROW_H, max((g.box_y + BOX_H for g in groups), default=0))
-    barriers = list(graph.barriers)
-    shown_barriers = barriers[:15]
-    height = int(body_bottom + 26 + (18 + 15 * (len(shown_barriers) + (len(barriers) > 15))
-                                     if barriers else 0) + 10)
+    n_bar = len(graph.barriers)
+    height = body_bottom + 26 + (18 + 15 * (min(n_bar, 15) + (n_bar > 15)) if n_bar else 0) + 10
+    return _Canvas(x0, lx, bx, bw, int(max(bx + bw + 12, legend_w)), int(height), body_bottom)
+
+
+def _render_svg(graph, removed: dict[str, list[int]], shares, title: str | None) -> str:
+    rows, groups, lanes = _layout(graph, removed, shares)
+    c = _canvas(graph, rows, groups, lanes)
     out: list[str] = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" class="etp-fx">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{c.width}" height="{c.height}" '
+        f'viewBox="0 0 {c.width} {c.height}" class="etp-fx">',
         f"<style>{_CSS}</style>",
-        f'<rect width="{width}" height="{height}" fill="#fff"/>',
+        f'<rect width="{c.width}" height="{c.height}" fill="#fff"/>',
     ]
-    # header and legend
+    out += _svg_header(graph, groups, removed, title, c)
+    out += _svg_legend(c)
+    out += _svg_rows(rows, c)
+    for g in groups:
+        out += _svg_group(g, c)
+    out += _svg_barriers(list(graph.barriers), c)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_header(graph, groups, removed, title: str | None, c: _Canvas) -> list[str]:
     n_units = sum(g.grp.size for g in groups)
     n_approx = sum(not g.grp.exact for g in groups)
     n_removed = sum(len(g.removed) for g in groups)
-    out.append(f'<text class="t" x="{x0}" y="20">{_e(title or "etp_fx: coupled-channel groups")}</text>')
     summary = (f"{_n(len(groups), 'group')} ({n_approx} approximate), {_n(n_units, 'unit')}"
                + (f", {n_removed} removed" if removed else "")
                + f"; params {graph.cost.params():,}, MACs {graph.cost.macs():,}; "
-               f"{_n(len(barriers), 'barrier')}")
-    out.append(f'<text class="s" x="{x0}" y="38">{_e(summary)}</text>')
-    lx0, ly = x0, 60
+               f"{_n(len(graph.barriers), 'barrier')}")
+    return [f'<text class="t" x="{c.x0}" y="20">{_e(title or "etp_fx: coupled-channel groups")}</text>',
+            f'<text class="s" x="{c.x0}" y="38">{_e(summary)}</text>']
+
+
+def _svg_legend(c: _Canvas) -> list[str]:
+    out = []
+    lx0, ly = c.x0, 60
     legend = [("box", EXACT), ("box", APPROX), ("removed", None), ("out", None), ("in", None),
               ("affine", None), ("elementwise", None)]
-    for (kind, col), word in zip(legend, legend_words):
+    for (kind, col), word in zip(legend, _LEGEND_WORDS):
         if kind == "box":
             out.append(f'<rect x="{lx0:.1f}" y="{ly - 9}" width="14" height="11" rx="2" '
                        f'fill="{col["fill"]}" stroke="{col["line"]}"/>')
@@ -238,8 +269,12 @@ def _render_svg(graph, removed: dict[str, list[int]], shares, title: str | None)
             out.append(_marker(kind, lx0 + 7, ly - 3.5, "#444"))
         out.append(f'<text class="s" x="{lx0 + 18:.1f}" y="{ly}">{_e(word)}</text>')
         lx0 += 18 + len(word) * CHAR_W + 16
-    # rows
-    right = bx - 24
+    return out
+
+
+def _svg_rows(rows, c: _Canvas) -> list[str]:
+    out = []
+    x0, right = c.x0, c.bx - 24
     for r in rows:
         y = TOP + r.index * ROW_H
         detail = "\n".join(f"  {gid}: {_roles(ls)}" for gid, ls in r.links.items())
@@ -252,42 +287,48 @@ def _render_svg(graph, removed: dict[str, list[int]], shares, title: str | None)
         out.append(f'<text x="{x0}" y="{y + ROW_H - 5}"{cls}>{_e(r.owner)}'
                    f'<tspan class="dimt" dx="{CHAR_W:.1f}">{_e(r.suffix())}</tspan></text>')
         end = x0 + (len(r.owner) + 1 + len(r.suffix())) * CHAR_W + 6
-        out.append(f'<line x1="{min(end, lx - 6):.1f}" y1="{y + ROW_H / 2}" x2="{right:.1f}" '
+        out.append(f'<line x1="{min(end, c.lx - 6):.1f}" y1="{y + ROW_H / 2}" x2="{right:.1f}" '
                    f'y2="{y + ROW_H / 2}" stroke="#d5d9de" stroke-width="1" stroke-dasharray="1 3"/></g>')
-    # groups: connector, lane, markers, box
-    for g in groups:
-        grp = g.grp
-        col = EXACT if grp.exact else APPROX
-        x = lx + g.lane * LANE_W + LANE_W / 2
-        y0, y1 = _row_y(g.r0), _row_y(g.r1)
-        mid = g.box_y + BOX_H / 2
-        out.append(f'<g class="grp" id="grp-{g.index}" data-gid="{_e(grp.id)}">')
-        out.append(f"<title>{_e(_tooltip(g))}</title>")
-        out.append(f'<path class="conn" d="M{x:.1f} {y0:.1f}H{bx - 16:.1f}L{bx:.1f} {mid:.1f}" '
-                   f'stroke="{col["line"]}"/>')
-        if g.r1 > g.r0:
-            out.append(f'<line class="lane" x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" '
-                       f'stroke="{col["line"]}" stroke-linecap="round"/>')
-        for r, role in sorted(g.rows.items()):
-            out.append(_marker(role, x, _row_y(r), col["line"]))
-        out.append(f'<rect class="box" x="{bx:.1f}" y="{g.box_y:.1f}" width="{bw:.1f}" height="{BOX_H}" '
-                   f'rx="3" fill="{col["fill"]}" stroke="{col["line"]}" stroke-width="1"/>')
-        out.append(f'<text x="{bx + 6:.1f}" y="{g.box_y + 13:.1f}">{_e(grp.id)}</text>')
-        out.append(_bar(g, bx + 6, g.box_y + 19, col))
-        out.append("</g>")
-    # barriers
-    y = body_bottom + 26
-    if barriers:
-        out.append(f'<text class="rm" x="{x0}" y="{y}">{_n(len(barriers), "barrier")} '
-                   f'(ops without a channel rule; the channels they touch are frozen):</text>')
-        for b in shown_barriers:
-            y += 15
-            out.append(f'<text class="rm" x="{x0 + 14}" y="{y}">{_e(b)}</text>')
-        if len(barriers) > 15:
-            y += 15
-            out.append(f'<text class="rm" x="{x0 + 14}" y="{y}">... {len(barriers) - 15} more</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+    return out
+
+
+def _svg_group(g: _Group, c: _Canvas) -> list[str]:
+    """One group: connector, lane, markers and box."""
+    grp = g.grp
+    col = EXACT if grp.exact else APPROX
+    x = c.lx + g.lane * LANE_W + LANE_W / 2
+    y0, y1 = _row_y(g.r0), _row_y(g.r1)
+    mid = g.box_y + BOX_H / 2
+    out = [f'<g class="grp" id="grp-{g.index}" data-gid="{_e(grp.id)}">',
+           f"<title>{_e(_tooltip(g))}</title>",
+           f'<path class="conn" d="M{x:.1f} {y0:.1f}H{c.bx - 16:.1f}L{c.bx:.1f} {mid:.1f}" '
+           f'stroke="{col["line"]}"/>']
+    if g.r1 > g.r0:
+        out.append(f'<line class="lane" x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" '
+                   f'stroke="{col["line"]}" stroke-linecap="round"/>')
+    for r, role in sorted(g.rows.items()):
+        out.append(_marker(role, x, _row_y(r), col["line"]))
+    out.append(f'<rect class="box" x="{c.bx:.1f}" y="{g.box_y:.1f}" width="{c.bw:.1f}" height="{BOX_H}" '
+               f'rx="3" fill="{col["fill"]}" stroke="{col["line"]}" stroke-width="1"/>')
+    out.append(f'<text x="{c.bx + 6:.1f}" y="{g.box_y + 13:.1f}">{_e(grp.id)}</text>')
+    out.append(_bar(g, c.bx + 6, g.box_y + 19, col))
+    out.append("</g>")
+    return out
+
+
+def _svg_barriers(barriers: list[str], c: _Canvas) -> list[str]:
+    if not barriers:
+        return []
+    y = c.body_bottom + 26
+    out = [f'<text class="rm" x="{c.x0}" y="{y}">{_n(len(barriers), "barrier")} '
+           f'(ops without a channel rule; the channels they touch are frozen):</text>']
+    for b in barriers[:15]:
+        y += 15
+        out.append(f'<text class="rm" x="{c.x0 + 14}" y="{y}">{_e(b)}</text>')
+    if len(barriers) > 15:
+        y += 15
+        out.append(f'<text class="rm" x="{c.x0 + 14}" y="{y}">... {len(barriers) - 15} more</text>')
+    return out
 
 
 def _info(g: _Group) -> str:
