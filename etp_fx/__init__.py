@@ -9,7 +9,7 @@ from .errors import (DistanceError, Error, FoldError, InputError, LoadError, Mod
                      VerificationError)
 from .graph import ChannelGroup, DependencyGraph, Member, distance, graph_to_dict, rule, \
     rules, summary_table, trace
-from .regularise import Budget, Plan, Ratio, Selection, Threshold, ETPCallback, ETPTrainerMixin, ElementClipping, ExponentialTorque, \
+from .regularise import Budget, Plan, Ratio, Selection, Threshold, selection_from, ETPCallback, ETPTrainerMixin, ElementClipping, ExponentialTorque, \
     NormHistory, Torque, clip_small_weights, plot_norms, progress, select
 from .surgery import compress, zero_units
 from .io import load, save
@@ -22,7 +22,7 @@ __all__ = [
     "trace", "DependencyGraph", "ChannelGroup", "Member", "rule", "rules",
     "summary_table", "graph_to_dict", "write_svg", "write_html",
     # compress
-    "zero_units", "compress", "Selection", "Budget", "Ratio", "Threshold", "Plan", "save", "load",
+    "zero_units", "compress", "Selection", "Budget", "Ratio", "Threshold", "Plan", "selection_from", "save", "load",
     # regularise and select
     "ExponentialTorque", "Torque", "select", "ElementClipping", "clip_small_weights",
     "distance", "baselines",

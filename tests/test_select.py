@@ -56,7 +56,7 @@ def test_threshold_zero_removes_exactly_the_zero_units(net):
     assert select.by_threshold(g, m, 0.0) == {"c1.weight[0]": [3, 7, 9]}
     assert select.by_threshold(g, m, 0.0, units="producer") == {"c1.weight[0]": [3, 7, 9],
                                                                 "c2.weight[0]": [5]}
-    assert select.select_units(g, m, threshold=0.0) == {"c1.weight[0]": [3, 7, 9]}
+    assert etp_fx.selection_from(threshold=0.0).select(g, m) == {"c1.weight[0]": [3, 7, 9]}
 
 
 def test_relative_threshold_min_keep_and_round_to(net):
@@ -110,9 +110,9 @@ def test_budget_is_met_with_the_fewest_units(net, kind):
     assert all(w >= 1 for w in widths.values())
     tight = [gid for gid in widths if widths[gid] < g[gid].size]
     assert any(fn({**widths, gid: widths[gid] + 1}) > 0.5 * dense for gid in tight)
-    # absolute budgets are accepted too
-    absolute = select.by_budget(g, m, **{kind: int(0.5 * dense)})
-    assert absolute == plan
+    # a budget is a share everywhere (compress, the CLI, Budget): an absolute count is refused
+    with pytest.raises(etp_fx.SelectionError, match="share of the original to keep"):
+        select.by_budget(g, m, **{kind: int(0.5 * dense)})
     assert norms  # norms were computed from the model
 
 
@@ -160,8 +160,8 @@ def test_heads_go_whole_and_approximate_groups_need_consent():
 def test_bad_selection_arguments(net):
     m, g = net
     with pytest.raises(SelectionError, match="exactly one of"):
-        select.select_units(g, m, threshold=0.1, ratio=0.5)
-    with pytest.raises(SelectionError, match=r"ratio must be in \[0, 1\)"):
+        etp_fx.selection_from(threshold=0.1, ratio=0.5)
+    with pytest.raises(SelectionError, match=r"ratio is the share of units to remove and must lie in \[0, 1\)"):
         select.by_ratio(g, m, 1.0)
     with pytest.raises(SelectionError, match="has 3 values; the group has 16"):
         select.by_threshold(g, None, 0.1, norms={"c1.weight[0]": [1, 2, 3]})

@@ -11,8 +11,8 @@ Rules shared by all selections:
   width is rounded *up*, so rounding never removes a unit the criterion kept);
 - where heads are the units (``unit_kind == "head"``) a unit is a whole head, so whole heads go.
 
-Also here: the official code's per-epoch element clipping (``|w| < 5e-4`` set to 0), as a
-function and as a callback object.
+The range checks of every selection value live here once (``check_share``, ``check_ratio``,
+...); :mod:`etp_fx.regularise.selection` wraps these functions in validated values.
 """
 from __future__ import annotations
 
@@ -25,8 +25,50 @@ import torch
 from ..errors import SelectionError
 from .norms import unit_norms
 
-__all__ = ["unit_norms", "select_units", "by_threshold", "by_ratio",
-           "by_budget"]
+__all__ = ["unit_norms", "by_threshold", "by_ratio", "by_budget",
+           "check_share", "check_ratio", "check_threshold", "check_scope", "check_normalize"]
+
+
+# --- the one copy of each range check (the Selection values use them too) ----------------------
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def check_share(name: str, v: Any) -> None:
+    """A budget: the share of the dense model's MACs or params to keep, in (0, 1]."""
+    if not (_is_real(v) and 0 < v <= 1):
+        raise SelectionError(f"{name} is the share of the original to keep and must lie in "
+                             f"(0, 1]; got {v!r}")
+
+
+def check_ratio(v: Any) -> None:
+    """A ratio: the share of units to remove, in [0, 1)."""
+    if not (_is_real(v) and 0 <= v < 1):
+        raise SelectionError(f"ratio is the share of units to remove and must lie in [0, 1); "
+                             f"got {v!r}")
+
+
+def check_threshold(v: Any, relative: bool = False) -> None:
+    """A norm threshold: finite and >= 0; relative ones (a share of the largest norm) <= 1."""
+    if not (_is_real(v) and v >= 0):
+        raise SelectionError(f"threshold must be a finite number >= 0, got {v!r}")
+    if relative and v > 1:
+        raise SelectionError(f"a relative threshold is a share of each group's largest norm "
+                             f"and must lie in [0, 1]; got {v!r}")
+
+
+def check_scope(v: Any) -> None:
+    """Where a ratio applies: within each ``"group"``, or to all units ranked ``"global"``ly."""
+    if v not in ("group", "global"):
+        raise SelectionError(f"scope must be 'group' or 'global', got {v!r}")
+
+
+def check_normalize(v: Any) -> None:
+    """How global rankings compare groups: by each group's ``"mean"`` or ``"max"`` norm."""
+    if v not in ("mean", "max", None):
+        raise SelectionError(f"normalize must be 'mean', 'max' or None, got {v!r}")
 
 
 
@@ -91,8 +133,7 @@ def by_threshold(graph, model: torch.nn.Module | None = None, threshold: float =
                  ) -> dict[str, list[int]]:
     """Remove units whose norm is at most ``threshold`` (``relative``: at most ``threshold``
     times the largest norm of the group). ``threshold=0`` removes exactly-zero units."""
-    if not threshold >= 0:
-        raise SelectionError(f"threshold must be >= 0, got {threshold}")
+    check_threshold(threshold, relative)
     norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
     keep = {}
     for gid, n in norms.items():
@@ -111,7 +152,7 @@ def _scores(norms: Mapping[str, np.ndarray], normalize: str | None) -> dict[str,
         elif normalize is None:
             d = 1.0
         else:
-            raise SelectionError(f"normalize must be 'mean', 'max' or None, got {normalize!r}")
+            check_normalize(normalize)
         out[gid] = n / d if d > 0 else np.zeros_like(n)
     return out
 
@@ -124,15 +165,14 @@ def by_ratio(graph, model: torch.nn.Module | None = None, ratio: float = 0.5, *,
     """Remove a fraction ``ratio`` of the units: in every group (``scope="group"``), or of all
     units ranked together (``scope="global"``, each group's norms divided by their mean, or
     max, so wide and narrow slices compare)."""
-    if not 0 <= ratio < 1:
-        raise SelectionError(f"ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)
+    check_scope(scope)
+    check_normalize(normalize)
     norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
     if scope == "group":
         keep = {gid: _rounded(len(n) - int(math.floor(ratio * len(n))), len(n), round_to,
                               min_keep) for gid, n in norms.items()}
         return _plan_from_keep(norms, keep)
-    if scope != "global":
-        raise SelectionError(f"scope must be 'group' or 'global', got {scope!r}")
     scores = _scores(norms, normalize)
     total = sum(len(n) for n in norms.values())
     n_drop = int(math.floor(ratio * total))
@@ -174,8 +214,7 @@ def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None
               allow_approximate: bool = False) -> dict[str, list[int]]:
     """Remove the fewest units that bring MACs (or params) down to the budget.
 
-    ``macs`` / ``params``: a fraction of the dense model to keep (``0 < x <= 1``) or an
-    absolute count (``> 1``). Units are ranked globally by (normalised) norm per unit of cost,
+    ``macs`` / ``params``: the share of the dense model to keep, in (0, 1]. Units are ranked globally by (normalised) norm per unit of cost,
     the cost of a unit being the drop in MACs (params) when its group loses one unit, from the
     sympy cost model. The shortest prefix of that ranking that meets the budget (after
     ``round_to``) is removed; a binary search over the prefix length evaluates the cost model
@@ -186,9 +225,9 @@ def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None
     cm = graph.cost
     fn = cm.macs if kind == "macs" else cm.params
     dense = fn()
-    if not target > 0:
-        raise SelectionError(f"{kind} budget must be > 0, got {target}")
-    budget = target * dense if target <= 1 else float(target)
+    check_share(kind, target)
+    check_normalize(normalize)
+    budget = target * dense
     norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
     if dense <= budget:
         return {}
@@ -216,30 +255,3 @@ def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None
         else:
             lo = mid + 1
     return _plan_from_keep(norms, _keep_after(order[:lo], norms, round_to, min_keep))
-
-
-def select_units(graph, model: torch.nn.Module | None = None, *, threshold: float | None = None,
-                 relative: bool = False, ratio: float | None = None, scope: str = "group",
-                 target_macs: float | None = None, target_params: float | None = None,
-                 **kw) -> dict[str, list[int]]:
-    """One entry point: exactly one of ``threshold``, ``ratio``, ``target_macs``,
-    ``target_params`` (see :func:`by_threshold`, :func:`by_ratio`, :func:`by_budget`)."""
-    given = [k for k, v in (("threshold", threshold), ("ratio", ratio),
-                            ("target_macs", target_macs), ("target_params", target_params))
-             if v is not None]
-    if len(given) != 1:
-        raise SelectionError(f"give exactly one of threshold, ratio, target_macs, "
-                             f"target_params (got {given or 'none'})")
-    if threshold is not None:
-        return by_threshold(graph, model, threshold, relative=relative, **kw)
-    if ratio is not None:
-        return by_ratio(graph, model, ratio, scope=scope, **kw)
-    return by_budget(graph, model, macs=target_macs, params=target_params, **kw)
-
-
-# --- the official per-epoch clipping -----------------------------------------------------------
-
-
-
-
-

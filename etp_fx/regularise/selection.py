@@ -14,7 +14,6 @@ Values are checked when they are built, so a mistake is reported before any work
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -92,8 +91,8 @@ class Budget(Selection):
         if len(given) != 1:
             raise SelectionError(f"Budget takes exactly one of macs= or params= (got "
                                  f"{given or 'none'}), e.g. Budget(macs=0.25)")
-        _check_share(given[0], getattr(self, given[0]))
-        _check_normalize(self.normalize)
+        select.check_share(given[0], getattr(self, given[0]))
+        select.check_normalize(self.normalize)
 
     @property
     def kind(self) -> str:
@@ -122,12 +121,9 @@ class Ratio(Selection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (_is_real(self.ratio) and 0 <= self.ratio < 1):
-            raise SelectionError(f"ratio is the share of units to remove and must lie in "
-                                 f"[0, 1); got {self.ratio!r}")
-        if self.scope not in ("group", "global"):
-            raise SelectionError(f"scope must be 'group' or 'global', got {self.scope!r}")
-        _check_normalize(self.normalize)
+        select.check_ratio(self.ratio)
+        select.check_scope(self.scope)
+        select.check_normalize(self.normalize)
 
     def select(self, graph, model, *, norms=None, allow_approximate=False):
         return select.by_ratio(graph, model, float(self.ratio), scope=self.scope,
@@ -145,12 +141,7 @@ class Threshold(Selection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (_is_real(self.threshold) and self.threshold >= 0):
-            raise SelectionError(f"threshold must be a finite number >= 0, got "
-                                 f"{self.threshold!r}")
-        if self.relative and self.threshold > 1:
-            raise SelectionError(f"a relative threshold is a share of each group's largest "
-                                 f"norm and must lie in [0, 1]; got {self.threshold!r}")
+        select.check_threshold(self.threshold, self.relative)
 
     def select(self, graph, model, *, norms=None, allow_approximate=False):
         return select.by_threshold(graph, model, float(self.threshold), relative=self.relative,
@@ -229,19 +220,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_share(name: str, v: Any) -> None:
-    if not (_is_real(v) and 0 < v <= 1):
-        raise SelectionError(f"{name} is the share of the original to keep and must lie in "
-                             f"(0, 1]; got {v!r}")
 
 
-def _check_normalize(v: Any) -> None:
-    if v not in ("mean", "max", None):
-        raise SelectionError(f"normalize must be 'mean', 'max' or None, got {v!r}")
 
 
 
