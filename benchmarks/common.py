@@ -10,12 +10,16 @@
   needed to evaluate a candidate).
 - :func:`classifier_of`: the last Conv/Linear module to run (torch-pruning's ``ignored_layers``).
 - :func:`time_calls`, :func:`median`: timing.
+- :func:`add_allow_failures`, :func:`failure_exit`: every benchmark exits non-zero when a cell
+  failed, unless ``--allow-failures`` says failures are expected.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from typing import Callable, Mapping, Sequence
@@ -228,3 +232,26 @@ def fmt_x(x: float | None, nd: int = 2) -> str:
 def short_error(e: BaseException, limit: int = 160) -> str:
     s = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
     return s if len(s) <= limit else s[:limit - 1] + "…"
+
+
+# --- exit codes ------------------------------------------------------------------------------------
+
+def add_allow_failures(ap: argparse.ArgumentParser) -> None:
+    """The ``--allow-failures`` flag every benchmark takes."""
+    ap.add_argument("--allow-failures", action="store_true",
+                    help="exit 0 even when some cells failed (they are still reported); "
+                         "without it a failed cell makes the exit code 1")
+
+
+def failure_exit(failures: Sequence[str], allow: bool, what: str = "cells") -> int:
+    """The benchmark's exit code: 1 when ``failures`` is not empty (each is printed to stderr,
+    so a run that looks finished cannot hide them), 0 when it is empty or ``allow`` is set."""
+    if not failures:
+        return 0
+    print(f"{len(failures)} failed {what}{' (allowed by --allow-failures)' if allow else ''}:",
+          file=sys.stderr)
+    for f in failures[:20]:
+        print(f"  FAILED {f}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+    return 0 if allow else 1

@@ -50,9 +50,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import (CACHE, DOCS, ROOT, classifier_of, fmt_s, fmt_x, median, mem_available,
-                     param_bytes, plan_at, plan_for_macs, setup_env, short_error, timed,
-                     torchvision_model, unit_l1_norms)
+from .common import (CACHE, DOCS, ROOT, add_allow_failures, classifier_of, failure_exit, fmt_s,
+                     fmt_x, median, mem_available, param_bytes, plan_at, plan_for_macs,
+                     setup_env, short_error, timed, torchvision_model, unit_l1_norms)
 
 TARGET = 2.0            # MACs reduction that fixes the pruning fraction
 QUICK_MODELS = ["resnet18"]
@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", help="a line added to the summary")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--deadlines", help=argparse.SUPPRESS)
+    add_allow_failures(ap)
     a = ap.parse_args(argv)
     raw = Path(a.raw) if a.raw else Path(CACHE) / "benchmarks" / (
         "compress_speed_quick.jsonl" if a.quick else "compress_speed.jsonl")
@@ -653,7 +654,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt_s(r['ours_noverify'])}s TP={fmt_s(r['t_tp'])}s ratio={fmt_x(r['ratio_verify'])}"
               f"/{fmt_x(r['ratio_noverify'])} {r['error'] or r.get('timeout') or r.get('crash') or ''}")
     print(f"wrote {path}")
-    return 0
+    return failure_exit(etp_fx_failures(rows), a.allow_failures, "models (etp_fx)")
+
+
+def etp_fx_failures(rows: list[dict]) -> list[str]:
+    """Our failures: an error, a timeout or a crash (torch-pruning's are its results, reported
+    in the table; a model not run for lack of time or memory is listed as not run)."""
+    return [f"{r['model']}: {r['error'] or r.get('timeout') or r.get('crash')}" for r in rows
+            if r["error"] or r.get("timeout") or r.get("crash")]
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (CACHE, DOCS, fmt_x, median, plan_for_macs, setup_env, short_error,
+from .common import (CACHE, DOCS, add_allow_failures, failure_exit, fmt_x, median,
+                     plan_for_macs, setup_env, short_error,
                      time_calls, torchvision_model, unit_l1_norms)
 
 import torch  # noqa: E402  (after common: OMP_WAIT_POLICY)
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, help="seconds of timing per variant (default 20)")
     ap.add_argument("--out", default=DOCS, help="directory for latency.md and latency.png")
     ap.add_argument("--raw", help="JSON of the rows (default .cache/benchmarks/latency.json)")
+    add_allow_failures(ap)
     a = ap.parse_args(argv)
     setup_env(a.threads)
     q = QUICK if a.quick else {}
@@ -280,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     argv_text = (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     path = write_report(rows, Path(a.out), argv_text, time.time() - t0, a)
     print(f"wrote {path}")
-    return 0
+    failed = [f"{r['model']} batch {r['batch']} {r['variant']} {r.get('mode', 'compress')}: "
+              f"{r['error']}" for r in rows if "error" in r]
+    return failure_exit(failed, a.allow_failures, "variants")
 
 
 if __name__ == "__main__":

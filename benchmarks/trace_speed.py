@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_allow_failures, failure_exit
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "trace_speed.md"))
     ap.add_argument("--extra-md", help="markdown file appended to the report (e.g. before/after)")
     ap.add_argument("--llama-worker", type=int, default=0, help=argparse.SUPPRESS)
+    add_allow_failures(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if a.llama_worker:
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.quick:
         write_markdown(rows, big, Path(a.out), runs, a.extra_md)
         print(f"wrote {a.out}")
-    return 0 if "error" not in big else 1
+    failed = [f"Llama-8B-shaped trace: {big['error']}"] if "error" in big else []
+    return failure_exit(failed, a.allow_failures, "traces")
 
 
 if __name__ == "__main__":

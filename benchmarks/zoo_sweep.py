@@ -48,6 +48,8 @@ import torch.nn as nn
 
 import etp_fx
 
+from .common import add_allow_failures, failure_exit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # --- which weights are "Conv/Linear output channels" ---------------------------------------------
@@ -582,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the markdown from the rows of the last full run")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    add_allow_failures(ap)
     a = ap.parse_args(argv)
     if a.render:
         rows = [Row(**r) for r in json.loads(Path(a.rows).read_text())]
@@ -609,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.rows).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         write_markdown(rows, Path(a.out), extra=_COMMENTS)
         print(f"wrote {a.out}")
-    return 0 if all(r.ok for r in rows) else 1
+    return failure_exit([f"{r.family}:{r.name}: {r.error}" for r in rows if not r.ok],
+                        a.allow_failures, "models")
 
 
 # Findings written into docs/zoo.md beside the table (kept here so that the file regenerates).

@@ -12,19 +12,23 @@ subcommand (``compress``, ``demo``, ``bench``), write the pair and decorate the 
         ...
         return 0
 
-A user's mistake (unknown model spec, bad input shape, a file that cannot be read or written)
-is reported as ``etp-fx CMD: error: ...`` on stderr with exit code 2, never as a traceback:
-raise :class:`CLIError` for it (``ModelSpecError``, ``InputError``, ``TraceError`` and
-``PlanError`` are reported the same way).
+A user's mistake (unknown model spec, bad input shape, a bad ``--ratio``, an unreachable
+target, a file that cannot be read or written) is reported as ``etp-fx CMD: error: ...``, one
+line on stderr, with exit code 2, never as a traceback: raise :class:`CLIError` for it. Every
+other :class:`etp_fx.Error` raised anywhere below (``ModelSpecError``, ``InputError``,
+``SelectionError``, ``LoadError``, ...) is reported the same way. Output paths are checked for
+writability before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import runpy
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -77,6 +81,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, Error)
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line: an error's advice may sit on a line of its own."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) \
+        or type(e).__name__
+
+
 # --- shared argument types ---------------------------------------------------------------------
 
 def _nonneg_int(s: str) -> int:
@@ -98,6 +108,23 @@ def _check_writable(path: str | None, what: str) -> None:
         raise CLIError(f"cannot write {what} {path!r}: no such directory {parent!r}")
     if os.path.isdir(path):
         raise CLIError(f"cannot write {what} {path!r}: it is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {what} {path!r}: the directory {parent!r} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"cannot write {what} {path!r}: the file exists and is read-only")
+
+
+def _check_folder_writable(path: str, what: str) -> None:
+    """An output folder: an existing writable directory, or one that can be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"cannot write {what} {path!r}: it exists and is not a directory")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CLIError(f"cannot write {what} {path!r}: {ancestor!r} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {what} {path!r}: {ancestor!r} is not writable")
 
 
 def _write(path: str, what: str, write: Callable[[str], object]) -> None:
@@ -189,6 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--target-macs is a share of the MACs to keep, in (0, 1]; got {args.target_macs}")
     if args.epochs < 1:
         raise CLIError("--epochs must be at least 1")
+    _check_folder_writable(args.out, "output folder")
     cfg = DemoConfig(epochs=args.epochs, strength=args.strength, threshold=args.threshold,
                      target_macs=args.target_macs, out=args.out, seed=args.seed)
     run_demo(cfg)
@@ -216,8 +244,19 @@ def _selection(args: argparse.Namespace) -> Selection:
     """The one selection the command line asks for, checked before any work starts."""
     options = {k: v for k, v in (("relative", args.relative if args.threshold is not None else None),
                                  ("round_to", args.round_to)) if v}
-    return selection_from(target_macs=args.target_macs, target_params=args.target_params,
-                          ratio=args.ratio, threshold=args.threshold, **options)
+    try:
+        return selection_from(target_macs=args.target_macs, target_params=args.target_params,
+                              ratio=args.ratio, threshold=args.threshold, **options)
+    except Error as e:  # name the flag: "ratio must lie in [0, 1)" -> "--ratio 1.5: ..."
+        flag = next((f"--{k.replace('_', '-')} {v:g}" for k, v in (
+            ("target_macs", args.target_macs), ("target_params", args.target_params),
+            ("ratio", args.ratio), ("threshold", args.threshold)) if v is not None), "")
+        raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
+
+
+def _report_path(out: str) -> str:
+    """The JSON report written beside the .pt2 file."""
+    return os.path.splitext(out)[0] + ".json"
 
 
 @subcommand("compress", help="compress a model to a target and write a .pt2 with a report",
@@ -228,6 +267,7 @@ def _selection(args: argparse.Namespace) -> Selection:
                         "trained with ETP, most removed units are already zero.")
 def cmd_compress(args: argparse.Namespace) -> int:
     _check_writable(args.out, ".pt2 file")
+    _check_writable(_report_path(args.out), "report")
     selection = _selection(args)
     if args.model.endswith(".pt2"):
         if args.input_shape is None:
@@ -251,8 +291,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     small = compress(model, inputs, selection, allow_approximate=args.allow_approximate)
     rep = small.meta["etp_report"]
     _write(args.out, ".pt2 file", lambda p: save(small, p))
-    report_path = os.path.splitext(args.out)[0] + ".json"
-    _write(report_path, "report", lambda p: open(p, "w").write(json.dumps(rep, indent=1, default=str)))
+    _write(_report_path(args.out), "report",
+           lambda p: Path(p).write_text(json.dumps(rep, indent=1, default=str)))
     print(f"params {rep['params_before']:,} -> {rep['params_after']:,}; "
           f"MACs {rep['macs_before']:,} -> {rep['macs_after']:,} "
           f"({rep['macs_before'] / max(rep['macs_after'], 1):.2f}x fewer); "
@@ -273,14 +313,22 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 @subcommand("bench", help="run one of the benchmarks in benchmarks/ (from a clone of the repository)",
             arguments=_bench_arguments)
 def cmd_bench(args: argparse.Namespace) -> int:
-    import runpy
+    """Run the benchmark as ``python -m benchmarks.NAME``; its exit code is ours (non-zero when
+    a cell failed, unless ``--allow-failures`` is passed on to it)."""
     root = os.getcwd()
-    if not os.path.isfile(os.path.join(root, "benchmarks", f"{args.name}.py")):
-        raise CLIError(f"benchmarks/{args.name}.py not found under {root}: run etp-fx bench from a "
+    if not any(os.path.exists(os.path.join(root, "benchmarks", args.name + ext))
+               for ext in (".py", "/__main__.py")):
+        raise CLIError(f"benchmarks/{args.name} not found under {root}: run etp-fx bench from a "
                        f"clone of the etp_fx repository")
+    argv, path = sys.argv, list(sys.path)
     sys.path.insert(0, root)
     sys.argv = [f"benchmarks.{args.name}", *args.rest]
-    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+    try:
+        runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+    except SystemExit as e:  # the benchmark's sys.exit(main())
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = argv, path
     return 0
 
 
@@ -310,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return SUBCOMMANDS[args.cmd].run(args)
     except _user_errors() as e:
-        print(f"etp-fx {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"etp-fx {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("etp-fx: interrupted", file=sys.stderr)

@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelSpecError", "load_spec"]
-
-
-
 from .errors import ModelSpecError
+
+__all__ = ["ModelSpecError", "load_spec", "parse_shape"]
 
 FORMS = ("torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, "
          "hf:ConfigClass[,key=value...] (e.g. hf:LlamaConfig,num_hidden_layers=2), "
@@ -20,6 +18,9 @@ FORMS = ("torchvision:NAME (e.g. torchvision:resnet50), timm:NAME, "
 
 
 def parse_shape(s: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``"1,3,224,224"`` or ``"1x3x224x224"`` as a shape; ``default`` when ``s`` is None.
+
+    Raises :class:`ModelSpecError` for a size that is not a positive integer."""
     if s is None:
         return default
     try:

@@ -398,3 +398,22 @@ def test_cli_new_subcommand_errors(argv, msg, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and (msg is None or msg in err)
+
+
+def test_cli_bench_passes_the_benchmark_exit_code_on(tmp_path, monkeypatch, capsys):
+    # a failed cell makes the benchmark exit 1, and `etp-fx bench` with it (it returned 0)
+    pytest.importorskip("matplotlib")
+    from etp_fx.cli import main
+    rec = dict(task="vgg-digits", method="dense", base_method="dense", seed=0, sweep=False,
+               metric_name="accuracy %", target=1, metric=80.0, metric_pruned=80.0,
+               speedup=1.0, latency_ms=1.0, seconds=0.1)
+    failed = dict(rec, method="etp", base_method="etp", target=2, error="AssertionError: x")
+    for k in ("metric", "speedup", "latency_ms"):
+        del failed[k]
+    runs = {"vgg-digits|dense|0|1": rec, "vgg-digits|etp|0|2": failed}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    monkeypatch.chdir(ROOT)
+    argv = ["bench", "quality", "--render-only", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert "FAILED vgg-digits|etp|0|2: AssertionError: x" in capsys.readouterr().err
+    assert main(argv + ["--allow-failures"]) == 0

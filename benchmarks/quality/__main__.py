@@ -1,4 +1,7 @@
-"""``python -m benchmarks.quality [--quick] [--out DIR] [--tasks ...] [--methods ...]``"""
+"""``python -m benchmarks.quality [--quick] [--out DIR] [--tasks ...] [--methods ...]``
+
+Exits with 1 when any (task, method, seed, target) cell of ``runs.json`` failed, unless
+``--allow-failures`` is given."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +10,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import DOCS
+from benchmarks.common import DOCS, add_allow_failures, failure_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-only", action="store_true", help="run only the sweep")
     p.add_argument("--render-only", action="store_true", help="only render runs.json")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_allow_failures(p)
     a = p.parse_args(argv)
 
     import torch
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(meta, f, indent=1, default=str)
     report.render(store.runs, a.out, meta)
     runner.log(f"done in {time.time() - t0:.0f} s; wrote {a.out}")
-    return 0
+    failed = [f"{key}: {rec['error'][:200]}" for key, rec in store.runs.items() if "error" in rec]
+    return failure_exit(failed, a.allow_failures, "cells (task|method|seed|target)")
 
 
 if __name__ == "__main__":
