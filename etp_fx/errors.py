@@ -73,3 +73,11 @@ class ModelSpecError(Error, ValueError):
 
 class ModelMismatchError(Error, ValueError):
     """A graph is used with a model it was not traced from (other parameter names or shapes)."""
+
+
+class ModelError(Error, TypeError):
+    """The model is of a kind etp_fx cannot capture or prune (not an ``nn.Module``, quantized or
+    sparse weights, a forward that is random or stateful); the message says what to do."""
+
+
+__all__ += ["ModelError"]

@@ -5,7 +5,8 @@ most CNNs are plain compositions of a few modules and functions that ``symbolic_
 in microseconds. This pass lowers each recorded call to the ATen call that export's training IR
 holds for it (the tables below, one entry per module class, function or tensor method) and
 runs the lowered ops on meta tensors to give every node its shape. Anything outside the
-tables, or an in-place op whose input is used again: :func:`fast_capture` returns None and
+tables, an in-place op whose input is used again or that writes to a buffer, or a model with
+forward hooks (``symbolic_trace`` does not run them): :func:`fast_capture` returns None and
 the caller uses torch.export, the canonical path. Before the graph's values are relied on,
 :func:`check_capture` runs it against the model; compress exports instead on any difference.
 So this is an optimisation with no behaviour of its own.
@@ -21,8 +22,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from .inputs import eval_mode
+from .inputs import eval_mode, untouched
 
 __all__ = ["fast_capture", "LOWER_MODULE", "LOWER_FUNCTION", "LOWER_METHOD"]
 
@@ -126,6 +128,7 @@ class Lowering:
         self.tensors.update(model.named_buffers(remove_duplicate=False))
         self.uses_sizes = False  # a shape was read: sizes are baked in as constants
         self.readers: dict[int, int] = {}  # id(Val) -> nodes of the traced graph reading it
+        self.placeholder_names: list[str] = []  # the traced graph's inputs, in order
 
     def fake(self, v: Any) -> Any:
         """The shape-only stand-in kept in ``meta["val"]`` (a meta tensor: a fake tensor per
@@ -569,13 +572,72 @@ def _attrs_first(graph: fx.Graph, names: list[str]) -> None:
         first.prepend(node)
 
 
+def _hooked(model: nn.Module) -> str | None:
+    """Why the fast path must not take a model with forward hooks, or None.
+
+    ``symbolic_trace`` records a leaf module (a Conv2d, say) as one call and never runs its
+    hooks, nor the root's: a pre-hook that permutes features would be missing from the graph,
+    and the groups' unit indices would not be the ones the model computes with. torch.export
+    runs them, so such a model is exported."""
+    glob = torch.nn.modules.module
+    if glob._global_forward_pre_hooks or glob._global_forward_hooks:
+        return "a global forward hook is registered (register_module_forward_hook)"
+    for name, m in model.named_modules():
+        for attr, kind in (("_forward_pre_hooks", "forward pre-hook"),
+                           ("_forward_hooks", "forward hook")):
+            if getattr(m, attr, None):
+                return (f"module {name or '<root>'} ({type(m).__name__}) has a {kind}, which "
+                        f"symbolic_trace does not run")
+    return None
+
+
+class _BufferProxyTracer(fx.Tracer):
+    """``fx.Tracer`` that traces buffers read as module attributes as ``get_attr`` proxies."""
+
+    proxy_buffer_attributes = True
+
+
+def _symbolic_trace(model: nn.Module) -> fx.Graph:
+    """The Tracer's graph, without the GraphModule symbolic_trace would compile around it.
+
+    Buffers are traced as proxies, like parameters: an in-place update of a buffer in
+    forward (a counter) is then a node the lowering refuses (so export records it), instead
+    of running for real on the model's buffer while tracing and leaving no trace."""
+    return _BufferProxyTracer().trace(model)
+
+
+def _lower(model: nn.Module, args: tuple) -> tuple[Lowering | None, Any, str]:
+    """Trace and lower; ``(lowering, outputs, "fx")`` or ``(None, None, why not)``."""
+    why = _hooked(model)
+    if why is not None:
+        return None, None, why
+    try:
+        traced = _symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any failure means: use torch.export
+        return None, None, f"symbolic_trace failed: {type(e).__name__}"
+    placeholders = [n for n in traced.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(args):
+        return None, None, "the forward signature does not match the inputs one to one"
+    L = Lowering(model)
+    try:
+        with torch.no_grad():
+            out = L.run(traced, args)
+    except Unsupported as e:
+        return None, None, str(e)
+    except Exception as e:  # noqa: BLE001 - a lowering that does not fit: use torch.export
+        return None, None, f"lowering failed: {type(e).__name__}: {e}"
+    L.placeholder_names = [p.name for p in placeholders]
+    return L, out, "fx"
+
+
 def fast_capture(model: nn.Module, args: tuple, kwargs: dict, *,
                  dynamic_batch: bool = False) -> tuple[fx.GraphModule | None, str]:
     """The model's ATen graph through ``symbolic_trace``, or ``(None, why not)``.
 
-    The model must be in eval mode already. The result has the shape of
-    ``torch.export.export(model, args).module()``: ``get_attr`` nodes for parameters and
-    buffers under their qualified names, ``meta["val"]`` on every node, flat inputs and
+    The model must be in eval mode already; it is left as it was (:func:`untouched`). A model
+    with forward hooks is refused (``symbolic_trace`` would skip them). The result has the
+    shape of ``torch.export.export(model, args).module()``: ``get_attr`` nodes for parameters
+    and buffers under their qualified names, ``meta["val"]`` on every node, flat inputs and
     outputs with pytree specs. The ops run on meta tensors (shapes only): before the graph's
     values are relied on, :func:`check_capture` compares them with the model's. With
     ``dynamic_batch``, a graph that reads tensor sizes is refused (it would bake the
@@ -583,21 +645,10 @@ def fast_capture(model: nn.Module, args: tuple, kwargs: dict, *,
     if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
         return None, "the fast path takes positional tensor inputs only"
     _register_optional()
-    try:  # the Tracer's graph, without the GraphModule symbolic_trace would compile around it
-        traced = fx.Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - any failure means: use torch.export
-        return None, f"symbolic_trace failed: {type(e).__name__}"
-    placeholders = [n for n in traced.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(args):
-        return None, "the forward signature does not match the inputs one to one"
-    L = Lowering(model)
-    try:
-        with torch.no_grad():
-            out = L.run(traced, args)
-    except Unsupported as e:
-        return None, str(e)
-    except Exception as e:  # noqa: BLE001 - a lowering that does not fit: use torch.export
-        return None, f"lowering failed: {type(e).__name__}: {e}"
+    with untouched(model, copy_parameters=False):
+        L, out, why = _lower(model, args)
+    if L is None:
+        return None, why
     if dynamic_batch and L.uses_sizes:
         return None, "the graph reads tensor sizes"
     _attrs_first(L.graph, list(L.tensors))
@@ -605,9 +656,8 @@ def fast_capture(model: nn.Module, args: tuple, kwargs: dict, *,
     if not all(isinstance(v, Val) and isinstance(v.emit, fx.Node) for v in flat):
         return None, "the model returns values that are not tensors"
     L.graph.output(tuple(v.emit for v in flat))
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
     in_spec = pytree.tree_flatten((tuple(args), {}))[1]
-    L.graph._codegen = _PyTreeCodeGen(_PyTreeInfo([p.name for p in placeholders], in_spec, out_spec))
+    L.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(L.placeholder_names, in_spec, out_spec))
     gm = fx.GraphModule(model, L.graph)
     gm.meta["etp_capture"] = "fx"
     # no size was read: the graph is the model's code for any batch size (nothing was
@@ -622,7 +672,9 @@ def check_capture(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dic
     if gm.meta.get("etp_capture") != "fx":
         return None
     if "etp_capture_check" not in gm.meta:
-        with eval_mode(model), torch.no_grad():
+        # the graph shares the model's weights: both runs leave them (and every buffer, a
+        # counter say) as they were
+        with eval_mode(model), untouched(model), torch.no_grad():
             got = gm(*args, **kwargs)
             want = model(*args, **kwargs)
         got_flat, got_spec = pytree.tree_flatten(got)

@@ -5,13 +5,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..capture import capture, normalize_inputs
+from ..capture import capture, check_model_and_inputs, normalize_inputs
 from .depgraph import DependencyGraph, build_graph
 from .signature import signature_of, structure_of
 
 __all__ = ["trace", "trace_args", "signature_of", "structure_of"]
-
-
 
 
 def trace(model: torch.nn.Module, example_inputs: Any, *,
@@ -51,7 +49,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
 
 def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
                dynamic_batch: bool = False, method: str = "auto") -> DependencyGraph:
-    """:func:`trace` on already normalised positional and keyword inputs."""
+    """:func:`trace` on already normalised positional and keyword inputs.
+
+    The model and inputs are checked first (:func:`etp_fx.capture.check_model_and_inputs`:
+    not a module, quantized or sparse weights, an empty batch, NaN/Inf inputs), without
+    running the model."""
+    check_model_and_inputs(model, args, kwargs)
     gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch, method=method)
     return build_graph(gm, signature_of(model), structure_of(model))
 

@@ -3,9 +3,15 @@
 A removed unit whose producing weights are zero still carries a constant where a bias, a
 BatchNorm shift or ``sigmoid(0)`` put one. A consumer that is linear in that input (Linear,
 conv, ``x @ W``) turns the constant into a fixed contribution ``C = op(Z) - op(0)``, where ``Z``
-holds only the removed units' constants. ``C`` is added to the consumer's bias when it is the
-same at every position, and otherwise (a zero-padded conv sees the constant only inside the
-image) added as a constant map after the op. Both are exact for the traced input shape.
+holds only the removed units' constants.
+
+``C`` is added to the consumer's bias (or, without one, as a per-channel constant that
+broadcasts) when it is the same at every position *for every input size*: computed again at a
+larger size of every other dim, it must give the same per-channel values (a Linear, a matmul,
+an unpadded conv). Otherwise (a zero-padded conv sees the constant only inside the image; at a
+size with no inside at all, it looks uniform but is not) it is added as a constant map after
+the op, valid only at the traced size: a guard in the graph (:func:`check_traced_size`)
+refuses any other non-batch size with a clear error instead of broadcasting the map wrongly.
 """
 from __future__ import annotations
 
@@ -15,22 +21,26 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from ..capture import flat_inputs
-from ..errors import FoldError
+from ..capture import describe_inputs, flat_inputs
+from ..errors import FoldError, InputError
 from ..graph.layout import kept_indices, leaves, new_size
 from ..graph.rules.table import lookup
 from ..graph.tensors import get_tensor, set_tensor
 from .rewrite import RewriteContext, slice_tensor
 
-__all__ = ["FoldError", "Fold", "plan_folds", "apply_folds"]
-
+__all__ = ["FoldError", "Fold", "plan_folds", "apply_folds", "check_traced_size"]
 
 
 @dataclass
 class Fold:
+    """One consumer's contribution from the constants of removed units."""
+
     node: str  # the consumer node's name
     contribution: torch.Tensor  # full-width contribution C (batch dims kept as in the trace)
     groups: list[str]  # ids of the groups whose units carried the constant
+    # C is one value per output channel at any size of the other dims (else: a map, guarded)
+    size_free: bool = False
+    traced_inputs: str = ""  # the example inputs C was computed for, for the guard's message
 
 
 class _Recorder(fx.Interpreter):
@@ -80,6 +90,7 @@ def plan_folds(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], group_of: 
     for node, spec, x, d, rem in todo:
         f = _one_fold(gm, node, spec, x, d, rem, rec.values, group_of, rtol)
         if f is not None:
+            f.traced_inputs = describe_inputs(args, kwargs)
             folds.append(f)
     return folds
 
@@ -116,7 +127,38 @@ def _one_fold(gm, node, spec, x, d, rem, values, group_of, rtol) -> Fold | None:
             f"depend on the input into weights that are not zero, so removing them would change "
             f"the result. Zero those units whole (zero_units with keep_constants=False), or "
             f"train them to zero first.")
-    return Fold(node.name, C, groups)
+    return Fold(node.name, C, groups, size_free=_size_free(C, spec, run, moved[:, 0], X, d, idx))
+
+
+def _size_free(C: torch.Tensor, spec: Any, run, constants: torch.Tensor, X: torch.Tensor,
+               d: int, idx: torch.Tensor) -> bool:
+    """Is ``C`` one value per output channel whatever the size of the other dims?
+
+    Uniform at the traced size is not enough: a zero-padded conv traced at 1x1 sees only the
+    centre of its kernel everywhere, and another size has positions that see all of it. So
+    ``C`` is computed again at a larger size of every dim but the contracted one (2s+3: inner
+    and border positions of every kind) and a batch of one; both must give the same vector."""
+    od = spec.out_dim % C.dim()
+    here = _constant_except(C, od)
+    if here is None:
+        return False
+    shape = [X.shape[i] if i == d else 1 if i == 0 else 2 * X.shape[i] + 3
+             for i in range(X.dim())]
+    Z = torch.zeros(shape, dtype=X.dtype, device=X.device)
+    view = [1] * X.dim()
+    view[d] = len(idx)
+    Z.index_copy_(d, idx, constants.to(X.dtype).reshape(view).expand(
+        [len(idx) if i == d else s for i, s in enumerate(shape)]).contiguous())
+    try:
+        with torch.no_grad():
+            bigger = run(Z) - run(torch.zeros_like(Z))
+    except Exception:  # noqa: BLE001 - no answer at another size: keep the guarded map
+        return False
+    there = _constant_except(bigger, od) if bigger.dim() == C.dim() else None
+    if there is None or there.shape != here.shape:
+        return False
+    scale = float(here.abs().max()) or 1.0
+    return float((there - here).abs().max()) <= 1e-6 * scale
 
 
 def _param(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
@@ -136,30 +178,83 @@ def apply_folds(gm: fx.GraphModule, folds: list[Fold], keep: Mapping[int, Sequen
         spec = lookup(node).fold(node)
         C = slice_tensor(f.contribution, node.meta["etp_dims"], r)
         od = spec.out_dim % C.dim()
-        per_channel = _constant_except(C, od)
+        per_channel = _constant_except(C, od) if f.size_free else None
+        groups = ", ".join(f.groups)
         if per_channel is not None and spec.bias is not None:
             _add_to_bias(gm, node, spec.bias, per_channel, i)
-            lines.append(f"{f.node}: constants of {', '.join(f.groups)} folded into the bias")
+            lines.append(f"{f.node}: constants of {groups} folded into the bias")
+        elif per_channel is not None:  # no bias to fold into: one value per channel
+            shape = [C.shape[k] if k == od else 1 for k in range(C.dim())]
+            _add_constant(gm, node, per_channel.reshape(shape).contiguous(), i)
+            lines.append(f"{f.node}: constants of {groups} added per channel")
         else:
-            name = f"_etp_fold_{i}"
-            # one map for every batch element: the constants do not depend on the input, so
-            # the rows agree up to rounding (a BLAS may round two identical rows apart); a map
-            # with the traced batch size would broadcast a batch of 1 up to it
-            batch_const = C[:1] if C.dim() > 1 and _rows_agree(C) else C
-            # a copy with its own storage: C[:1] is a view that would keep all of C alive
-            gm.register_buffer(name, batch_const.clone(memory_format=torch.contiguous_format))
-            with gm.graph.inserting_after(node):
-                const = gm.graph.get_attr(name)
-            with gm.graph.inserting_after(const):
-                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, const))
-            node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
-            add.meta["etp_dims"] = node.meta["etp_dims"]
-            const.meta["etp_dims"] = None
-            lines.append(f"{f.node}: constants of {', '.join(f.groups)} added as a constant map "
-                         f"(position-dependent, e.g. zero padding)")
+            _add_guarded_map(gm, node, C, i, f.traced_inputs)
+            lines.append(f"{f.node}: constants of {groups} added as a constant map "
+                         f"(position-dependent, e.g. zero padding; valid at the traced size only)")
     gm.graph.lint()
     gm.recompile()
     return lines
+
+
+def _add_constant(gm: fx.GraphModule, node: fx.Node, const: torch.Tensor, i: int) -> fx.Node:
+    """``node + const`` in the graph (``const`` a new buffer); returns the add node."""
+    name = f"_etp_fold_{i}"
+    # a copy with its own storage: a view would keep all of the full-width tensor alive
+    gm.register_buffer(name, const.clone(memory_format=torch.contiguous_format))
+    with gm.graph.inserting_after(node):
+        attr = gm.graph.get_attr(name)
+    with gm.graph.inserting_after(attr):
+        add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, attr))
+    node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+    add.meta["etp_dims"] = node.meta["etp_dims"]
+    attr.meta["etp_dims"] = None
+    return add
+
+
+def _add_guarded_map(gm: fx.GraphModule, node: fx.Node, C: torch.Tensor, i: int,
+                     traced_inputs: str) -> None:
+    """``node + C`` where ``C`` varies with position: exact at the traced size only, so the
+    graph first checks that the consumer's output has that size (any batch, when the map's
+    rows agree), and refuses another with a clear error instead of broadcasting ``C``."""
+    # one map for every batch element: the constants do not depend on the input, so the rows
+    # agree up to rounding (a BLAS may round two identical rows apart); a map with the traced
+    # batch size would broadcast a batch of 1 up to it
+    batch_free = C.dim() > 1 and _rows_agree(C)
+    add = _add_constant(gm, node, C[:1] if batch_free else C, i)
+    traced = tuple(C.shape[1:]) if batch_free else tuple(C.shape)
+    with gm.graph.inserting_before(add):
+        guard = gm.graph.call_function(check_traced_size,
+                                       (node, traced, batch_free, node.name, traced_inputs))
+    add.replace_input_with(node, guard)
+    guard.meta["etp_dims"] = node.meta["etp_dims"]
+
+
+def check_traced_size(y: torch.Tensor, traced: tuple, batch_free: bool, node: str,
+                      traced_inputs: str) -> torch.Tensor:
+    """``y`` itself, when it has the size a folded constant map was computed for.
+
+    Put into a compressed graph before a position-dependent constant map (see the module
+    docstring): at another size the map would broadcast to wrong values, or not fit.
+
+    Raises
+    ------
+    InputError
+        ``y`` has another size than at the trace (the batch, dim 0, may differ when
+        ``batch_free``).
+    """
+    if isinstance(y, fx.Proxy):  # symbolic_trace (pickling a GraphModule retraces it): a node
+        return y.tracer.create_proxy("call_function", check_traced_size,
+                                     (y, traced, batch_free, node, traced_inputs), {})
+    got = tuple(y.shape[1:]) if batch_free else tuple(y.shape)
+    if len(got) != len(traced) or any(a != b for a, b in zip(got, traced)):
+        want = ("(*, " + ", ".join(map(str, traced)) + ")") if batch_free else str(traced)
+        raise InputError(
+            f"this compressed model was made for inputs like {traced_inputs}: it adds a "
+            f"position-dependent constant (e.g. removed units' biases seen through zero padding) "
+            f"after node {node}, whose output had size {want} there, but here has "
+            f"{tuple(y.shape)}. Compress again with example inputs of the size you will use, "
+            f"or with keep_constants=False (removed units zeroed whole, nothing folded).")
+    return y
 
 
 def _rows_agree(C: torch.Tensor) -> bool:
