@@ -4,7 +4,7 @@ The package follows the pipeline, each stage importing only the ones before it:
 ``capture`` -> ``graph`` -> ``regularise`` -> ``surgery`` -> the face (io, render, cli, demo,
 baselines). ``docs/design.md`` has the map.
 """
-from .errors import (DistanceError, Error, FoldError, InputError, LoadError, ModelMismatchError,
+from .errors import (DistanceError, Error, FoldError, InputError, LoadError, ModelError, ModelMismatchError,
                      PlanError, RegulariserError, SaveError, SelectionError, TraceError,
                      VerificationError)
 from .graph import ChannelGroup, DependencyGraph, Member, distance, graph_to_dict, rule, \
@@ -31,5 +31,5 @@ __all__ = [
     # errors: every one derives from etp_fx.Error
     "Error", "InputError", "TraceError", "PlanError", "SelectionError", "RegulariserError",
     "DistanceError", "FoldError", "VerificationError", "LoadError", "SaveError",
-    "ModelMismatchError",
+    "ModelMismatchError", "ModelError",
 ]

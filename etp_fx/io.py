@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export.pt2_archive import _package
 
-from .capture import batch_dynamic_shapes, describe_inputs, normalize_inputs
+from .capture import as_plain_module, batch_dynamic_shapes, describe_inputs, normalize_inputs
 from .errors import Error, LoadError, SaveError
 
 __all__ = ["save", "load", "LoadError", "SaveError"]
@@ -208,7 +208,7 @@ def load(path: str | os.PathLike, *, allow_unverified: bool = False) -> fx.Graph
     try:
         with _safe_torch_load():
             ep = torch.export.load(_rebuilt(members), extra_files=extra)
-        gm = ep.module()
+        gm = as_plain_module(ep.module())
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met something not a tensor
