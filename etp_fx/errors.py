@@ -81,3 +81,12 @@ class ModelError(Error, TypeError):
 
 
 __all__ += ["ModelError"]
+
+
+class ModuleOutputError(Error, ValueError):
+    """A change cannot be made in the user's own modules (``output="module"``): a width their
+    code hard-codes, a constant no bias can carry; the message names the module and suggests
+    ``output="graph"``."""
+
+
+__all__ += ["ModuleOutputError"]

@@ -1,0 +1,321 @@
+"""``compress_module``: prune into the user's own model class (the future
+``etp_fx.compress(..., output="module")``).
+
+A ``GraphModule`` computes the right thing but loses the model's Python class: its methods,
+``generate()`` and its KV cache, ``config``, ``save_pretrained``. Here a deep copy of the model is
+sliced instead: its tensors by the groups' members (:mod:`module_slice`), its size attributes
+and head counts (:mod:`module_attrs`), a Hugging Face config (:mod:`module_config`). The result
+is verified exactly like the graph output: against the zeroed original on the example inputs
+and on inputs of another shape (one more batch element; one token fewer for sequence inputs).
+Whatever a module cannot express (a width its ``forward`` hard-codes, a constant no bias can
+carry, a per-head width) is a :class:`ModuleOutputError` that names the module and suggests
+``output="graph"``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import traceback
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..capture import eval_mode, normalize_inputs
+from ..errors import ModuleOutputError, PlanError, SelectionError
+from ..graph.depgraph import DependencyGraph
+from ..graph.plan import kept_units
+from ..graph.signature import check_model_matches
+from ..graph.trace import trace_args
+from ..regularise.selection import Plan, Selection, selection_from
+from .module_attrs import apply_widths, conv_groups, inexpressible_groups, update_attributes
+from .module_config import update_config
+from .uniform import uniform_plan
+from .module_slice import add_fold_biases, bias_folds, removed_positions, slice_tensors
+from .zero import zero_units
+
+__all__ = ["compress_module", "apply_widths", "module_plan", "other_inputs"]
+
+
+def compress_module(model: torch.nn.Module, example_inputs: Any,
+                    selection: Selection | None = None, *, graph: DependencyGraph | None = None,
+                    verify: bool = True, rtol: float = 1e-5, keep_constants: bool | None = None,
+                    allow_approximate: bool = False, uniform: bool = False,
+                    **select_forms: Any) -> torch.nn.Module:
+    """Remove units and return a smaller deep copy of ``model``: the same class, the same
+    methods (``generate()``, ``save_pretrained``, ...), its tensors sliced and its size
+    attributes updated.
+
+    Parameters are those of :func:`etp_fx.compress` (``selection`` or one keyword form such as
+    ``ratio=0.3, include=["head", "neuron"]``; ``graph``; ``verify``; ``rtol``;
+    ``keep_constants``; ``allow_approximate``). Norm-based selections only pick groups a module
+    can shrink exactly (never a per-head width, nor a width a norm or softmax reduces over,
+    such as the hidden width); a :class:`etp_fx.Plan` that names one is refused.
+    ``uniform=True`` removes the same number of units in every repeated block
+    (:func:`etp_fx.surgery.uniform.uniform_plan`), so that a Hugging Face config describes
+    every layer and a plain ``from_pretrained`` reloads the result.
+
+    Returns
+    -------
+    nn.Module
+        ``type(result) is type(model)``; ``model`` is not modified. ``result.etp_report``
+        holds params and MACs before and after, each changed group, ``"modules"`` (every
+        changed size attribute, ``{module: {attr: [old, new]}}``), ``"tensors"`` (every changed
+        parameter or buffer shape), ``"folds"``, the verified deviation and the shapes checked,
+        and for Hugging Face models ``"config"`` (``{key: [old, new]}``) and
+        ``"config_exact"`` (whether the config alone rebuilds the model, so that a plain
+        ``from_pretrained`` reloads it). :func:`apply_widths` gives a fresh model these widths.
+
+    Raises
+    ------
+    ModuleOutputError
+        A change the modules cannot express; the message names the module.
+    VerificationError, FoldError, PlanError
+        As :func:`etp_fx.compress`.
+
+    Examples
+    --------
+    >>> import torch, etp_fx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> small = compress_module(net, torch.randn(2, 4), remove={"0.weight[0]": [1, 5]})
+    >>> type(small).__name__, small[0].out_features, small[2].in_features
+    ('Sequential', 6, 6)
+    """
+    selection = selection_from(selection, **select_forms)
+    args, kw = normalize_inputs(example_inputs)
+    graph = graph if graph is not None else trace_args(model, args, kw)
+    check_model_matches(graph, model)
+    plan = module_plan(graph, model, selection, allow_approximate, uniform)
+    keep_constants = selection.keeps_constants if keep_constants is None else keep_constants
+    zeroed = zero_units(copy.deepcopy(model), graph, plan, keep_constants=keep_constants)
+    small = copy.deepcopy(model)
+    report = _shrink(small, model, zeroed, graph, plan, args, kw, keep_constants)
+    if verify:
+        report.update(_verify(small, zeroed, args, kw, rtol, plan, graph,
+                              approximate=allow_approximate and any(
+                                  not graph[g].exact for g in plan)))
+    small.etp_report = report
+    return small
+
+
+def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selection,
+                allow_approximate: bool = False, uniform: bool = False) -> dict[str, list[int]]:
+    """The selection's plan, restricted to groups a module can shrink (see
+    :func:`etp_fx.surgery.module_attrs.inexpressible_groups`); a :class:`Plan` naming another
+    group raises :class:`ModuleOutputError`. ``uniform``: the same count in every repeated
+    block (:func:`etp_fx.surgery.uniform.uniform_plan`)."""
+    bad = inexpressible_groups(graph)
+    if isinstance(selection, Plan):
+        if uniform:
+            raise SelectionError("uniform=True needs a norm-based selection (Budget, Ratio or "
+                                 "Threshold); a Plan already says which units go")
+        plan = selection.select(graph, model, allow_approximate=allow_approximate)
+        hit = [g for g in plan if g in bad]
+        if hit:
+            raise ModuleOutputError(f"group {hit[0]!r}: {bad[hit[0]]}. Leave it out of the plan, "
+                                    f"or use output='graph' (etp_fx.compress)")
+    else:
+        wanted = _include_predicate(graph, selection.include)
+        narrowed = dataclasses.replace(selection, include=lambda g: g.id not in bad and wanted(g))
+        if uniform:
+            plan = uniform_plan(graph, model, narrowed, allow_approximate=allow_approximate)
+        else:
+            plan = narrowed.select(graph, model, allow_approximate=allow_approximate)
+    approximate = [g for g in plan if not graph[g].exact]
+    if approximate and not allow_approximate:
+        raise PlanError(f"removing units of {approximate[:3]} is approximate; pass "
+                        f"allow_approximate=True to accept that")
+    return plan
+
+
+def _include_predicate(graph: DependencyGraph, include: Any) -> Callable[[Any], bool]:
+    """A selection's ``include`` (None, a predicate, group ids and/or unit kinds) as a
+    predicate; unknown names are refused as the selection itself would."""
+    if include is None:
+        return lambda g: True
+    if callable(include):
+        return include
+    wanted = {include} if isinstance(include, str) else set(include)
+    known = {g.id for g in graph.groups} | {"channel", "neuron", "head", "head-dim"}
+    if wanted - known:
+        raise SelectionError(f"include: unknown group ids or unit kinds "
+                             f"{sorted(wanted - known)[:3]}; see graph.summary()")
+    return lambda g: g.id in wanted or g.unit_kind in wanted
+
+
+def _shrink(small: torch.nn.Module, model: torch.nn.Module, zeroed: torch.nn.Module,
+            graph: DependencyGraph, plan: Mapping[str, list[int]], args: tuple, kw: dict,
+            keep_constants: bool) -> dict[str, Any]:
+    """Slice ``small`` in place, fix its attributes and config, fold constants; the report."""
+    folds = bias_folds(graph, plan, zeroed, args, kw) if keep_constants and plan else []
+    tensors = slice_tensors(small, removed_positions(graph, plan))
+    modules, blocks = update_attributes(small, model, conv_groups(graph, kept_units(graph, plan)))
+    fold_lines = add_fold_biases(small, folds)
+    for f in folds:
+        if f["bias"] is None:
+            name = f"{f['module']}.bias" if f["module"] else "bias"
+            tensors[name] = (None, list(small.get_submodule(f["module"]).bias.shape))
+    config, exact, added_keys = update_config(small, blocks, graph, plan, modules)
+    widths = {gid: graph[gid].size - len(units) for gid, units in plan.items()}
+    cm = graph.cost
+    report: dict[str, Any] = {
+        "output": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "params_before": sum(p.numel() for p in model.parameters()),
+        "params_after": sum(p.numel() for p in small.parameters()),
+        "macs_before": cm.macs(), "macs_after": cm.macs(widths),
+        "groups": {gid: {"old": graph[gid].size, "new": widths[gid], "removed": list(units),
+                         "exactness": "exact" if graph[gid].exact else "approximate"}
+                   for gid, units in plan.items()},
+        "modules": modules, "tensors": {n: new for n, (_, new) in tensors.items()},
+        "folds": fold_lines}
+    if exact is not None:
+        report["config"], report["config_exact"] = config, exact
+        report["config_added"] = added_keys
+    return report
+
+
+# --- verification ----------------------------------------------------------------------------
+
+def other_inputs(args: tuple, kw: dict) -> tuple[tuple, dict, str] | None:
+    """Inputs of another shape the model should accept: one more batch element (the first
+    repeated) and, for integer sequences (token ids, masks), one position fewer."""
+    flat, spec = pytree.tree_flatten((args, kw))
+    tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors:
+        return None
+    batch = tensors[0].shape[0]
+    shorter = False
+
+    def change(t: Any) -> Any:
+        nonlocal shorter
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
+            return t
+        t = torch.cat([t, t[:1]])
+        if t.dim() == 2 and not t.is_floating_point() and t.shape[1] >= 3:
+            shorter = True
+            t = t[:, :-1]
+        return t
+
+    new_args, new_kw = pytree.tree_unflatten([change(t) for t in flat], spec)
+    return new_args, new_kw, f"batch {batch + 1}" + (", one token fewer" if shorter else "")
+
+
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):  # a transformers ModelOutput
+        out = out.to_tuple()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+            and t.is_floating_point()]
+
+
+def _compare(ref: Any, got: Any) -> tuple[float, float] | None:
+    """(max |ref - got|, max |ref|), or None when the outputs differ in number or shape."""
+    a, b = _float_leaves(ref), _float_leaves(got)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    diff = max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    scale = max((float(x.abs().max()) for x in a if x.numel()), default=0.0)
+    return diff, scale
+
+
+def _run(model: torch.nn.Module, args: tuple, kw: dict) -> Any:
+    with eval_mode(model), torch.no_grad():
+        return model(*args, **kw)
+
+
+def _verify(small, zeroed, args, kw, rtol, plan, graph, approximate: bool) -> dict[str, Any]:
+    """Run ``small`` against the zeroed original on the example inputs and on another shape."""
+    out: dict[str, Any] = {"checked": []}
+    cases = [(args, kw, "the example inputs")]
+    other = other_inputs(args, kw)
+    if other is not None:
+        cases.append(other)
+    for a, k, what in cases:
+        try:
+            ref = _run(zeroed, a, k)
+        except Exception:  # noqa: BLE001 - the model itself refuses this shape: not a check
+            continue
+        got = _run_small(small, a, k, what)
+        diff = _compare(ref, got)
+        if diff is None:
+            raise ModuleOutputError(
+                f"on {what}, the pruned model's outputs have other shapes than the zeroed "
+                f"original's{_first_difference(small, zeroed, a, k)}; a forward probably "
+                f"hard-codes a width. Use output='graph' (etp_fx.compress)")
+        out.setdefault("max_abs_diff", diff[0])
+        out.setdefault("output_scale", diff[1])
+        if diff[0] > rtol * max(diff[1], 1e-12) and not approximate and \
+                not _agrees_in_float64(small, zeroed, a, k):
+            raise ModuleOutputError(
+                f"on {what}, the pruned model differs from the zeroed original by {diff[0]:.3g} "
+                f"(output scale {diff[1]:.3g}) after removing units of {sorted(plan)[:4]}"
+                f"{_first_difference(small, zeroed, a, k)}; a module's forward does not follow "
+                f"its new widths. Use output='graph' (etp_fx.compress)")
+        out["checked"].append(what)
+    return out
+
+
+def _run_small(small: torch.nn.Module, args: tuple, kw: dict, what: str) -> Any:
+    """Run the pruned model; an exception becomes a ModuleOutputError naming the module whose
+    code raised it (the innermost ``forward`` of a module of ``small`` on the stack)."""
+    try:
+        return _run(small, args, kw)
+    except Exception as e:  # noqa: BLE001 - turned into an error that names the module
+        names = {id(m): n for n, m in small.named_modules()}
+        where = "the model"
+        for frame, line in traceback.walk_tb(e.__traceback__):
+            owner = frame.f_locals.get("self")
+            if id(owner) in names:
+                name = names[id(owner)] or "(the model itself)"
+                where = (f"module {name!r} ({type(owner).__name__}, "
+                         f"{frame.f_code.co_filename}:{line})")
+        raise ModuleOutputError(
+            f"the pruned model fails on {what} in {where}: {type(e).__name__}: {e}. Its forward "
+            f"probably hard-codes a width the pruning changed; use output='graph' "
+            f"(etp_fx.compress), which rewrites shape arguments, or leave those units "
+            f"in") from e
+
+
+def _agrees_in_float64(small, zeroed, args, kw) -> bool:
+    """float32 rounding amplified by an ill-conditioned op, or a real difference? Both models
+    in float64 must agree to 1e-9 of the output's scale."""
+    def to64(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+    try:
+        a64, k64 = pytree.tree_map_only(torch.Tensor, to64, (args, kw))
+        diff = _compare(_run(copy.deepcopy(zeroed).double(), a64, k64),
+                        _run(copy.deepcopy(small).double(), a64, k64))
+    except Exception:  # noqa: BLE001 - no float64 answer: the float32 verdict stands
+        return False
+    return diff is not None and diff[0] <= 1e-9 * max(diff[1], 1e-300)
+
+
+def _module_outputs(model: torch.nn.Module, args: tuple, kw: dict) -> dict[str, torch.Tensor]:
+    """The first float output of every module, in the order the modules finish."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        def hook(mod, inp, out, name=name):
+            leaves = _float_leaves(out)
+            if leaves and name not in seen:
+                seen[name] = leaves[0].detach()
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        _run(model, args, kw)
+    except Exception:  # noqa: BLE001 - whatever ran before the failure is what we have
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _first_difference(small, zeroed, args, kw) -> str:
+    """`` (first seen in module 'x')``: the first module, in execution order, whose output has
+    the same shape in both models but other values."""
+    a, b = _module_outputs(zeroed, args, kw), _module_outputs(small, args, kw)
+    for name, ref in a.items():
+        got = b.get(name)
+        if got is not None and got.shape == ref.shape and \
+                float((got - ref).abs().max()) > 1e-4 * max(float(ref.abs().max()), 1e-6):
+            return f" (first seen in module {name or '(the model itself)'!r})"
+    return ""

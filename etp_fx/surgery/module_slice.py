@@ -1,0 +1,202 @@
+"""Module-level surgery, part 1: slice the tensors of a model copy, and fold constants into
+biases.
+
+The FX rewrite (:mod:`etp_fx.surgery.rewrite`) slices the tensors of a captured graph; here the
+same slices are taken from the user's own modules, by parameter name, using the members of each
+group (``(name, dim, coords)``): index ``i`` of a member dim goes when ``coords[i]`` is a
+removed unit. The modules' size attributes are fixed afterwards by
+:mod:`etp_fx.surgery.module_attrs`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from ..errors import ModuleOutputError
+from ..graph.depgraph import DependencyGraph
+from ..graph.plan import kept_units
+from ..graph.rules.table import lookup
+from ..graph.tensors import get_tensor, set_tensor
+from .fold import plan_folds
+from .rewrite import RewriteContext, slice_tensor
+
+__all__ = ["removed_positions", "slice_tensors", "bias_folds", "add_fold_biases",
+           "owner_of"]
+
+
+def owner_of(name: str) -> str:
+    """The dotted name of the module that holds tensor ``name`` (``""``: the model)."""
+    return name.rpartition(".")[0]
+
+
+def removed_positions(graph: DependencyGraph, plan: Mapping[str, list[int]]
+                      ) -> dict[str, dict[int, list[int]]]:
+    """``{tensor name: {dim: removed indices}}`` for every parameter and buffer slice that
+    holds a removed unit. A dim shared by several groups (a concat, a product) loses the
+    indices of every group's removed units."""
+    out: dict[str, dict[int, set[int]]] = {}
+    for gid, units in plan.items():
+        gone = set(units)
+        for m in graph[gid].members:
+            idx = {i for i, c in enumerate(m.coords) if c in gone}
+            if idx:
+                out.setdefault(m.name, {}).setdefault(m.dim, set()).update(idx)
+    return {n: {d: sorted(i) for d, i in dims.items()} for n, dims in out.items()}
+
+
+def _tensors_by_identity(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every parameter and buffer, once, with all the names it is reachable under (tied)."""
+    names: dict[int, list[str]] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    return names
+
+
+def slice_tensors(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
+                  ) -> dict[str, tuple[list[int], list[int]]]:
+    """Slice, in place, every tensor of ``model`` named in ``removed``; tied tensors stay tied
+    (one new tensor set under every name). Returns ``{name: (old shape, new shape)}``."""
+    changed = {}
+    for names in _tensors_by_identity(model).values():
+        dims: dict[int, list[int]] = {}
+        for n in names:
+            for d, idx in removed.get(n, {}).items():
+                dims[d] = sorted(set(dims.get(d, [])) | set(idx))
+        if not dims:
+            continue
+        old = get_tensor(model, names[0])
+        new = old.detach()
+        for d, idx in sorted(dims.items()):
+            gone = set(idx)
+            keep = [i for i in range(new.shape[d]) if i not in gone]
+            new = new.index_select(d, torch.tensor(keep, dtype=torch.long, device=new.device))
+        new = new.contiguous()
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        for n in names:
+            set_tensor(model, n, new)
+            changed[n] = (list(old.shape), list(new.shape))
+    return changed
+
+
+def _zeroed_capture(graph: DependencyGraph, zeroed: torch.nn.Module) -> fx.GraphModule:
+    """A copy of the graph's capture that holds the zeroed original's weights."""
+    gm = copy.deepcopy(graph.module)
+    with torch.no_grad():
+        for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
+                list(gm.named_buffers(remove_duplicate=False)):
+            try:
+                src = get_tensor(zeroed, name)
+            except AttributeError:
+                continue  # a constant of the capture, not a tensor of the model
+            if isinstance(src, torch.Tensor) and src.shape == t.shape:
+                t.copy_(src)
+    return gm
+
+
+def _constant_along(C: torch.Tensor, d: int, rtol: float = 1e-5) -> torch.Tensor | None:
+    """The vector along dim ``d`` when ``C`` has the same value at every other index (up to
+    float32 rounding of the sums that made it: a position-dependent constant differs by a
+    share of its own size)."""
+    moved = C.movedim(d, 0).reshape(C.shape[d], -1)
+    scale = float(moved.abs().max()) if moved.numel() else 0.0
+    if float((moved - moved[:, :1]).abs().max()) <= rtol * (scale or 1.0):
+        return moved[:, 0].clone()
+    return None
+
+
+def bias_folds(graph: DependencyGraph, plan: Mapping[str, list[int]],
+               zeroed: torch.nn.Module, args: tuple, kwargs: dict) -> list[dict[str, Any]]:
+    """The constants that the removed units carry into each consumer, as bias vectors.
+
+    Runs the zeroed original's capture once (:func:`etp_fx.surgery.fold.plan_folds`, which
+    refuses input-dependent values with a :class:`FoldError`). Each contribution must be the
+    same at every position: one a module cannot carry (a zero-padded convolution sees the
+    constant only inside the image) raises :class:`ModuleOutputError`.
+
+    Returns one dict per consumer: ``module`` (its name), ``bias`` (the bias tensor's name, or
+    None when the module has none), ``vector`` (at the kept output width), ``groups``."""
+    keep = kept_units(graph, plan)
+    group_of = {graph[gid].uid: gid for gid in plan}
+    gm = _zeroed_capture(graph, zeroed)
+    folds = plan_folds(gm, keep, group_of, args, kwargs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for f in folds:
+        node = nodes[f.node]
+        spec = lookup(node).fold(node)
+        weight = _weight_name(node, spec)
+        C = slice_tensor(f.contribution, node.meta["etp_dims"], RewriteContext(keep))
+        vec = _constant_along(C, spec.out_dim % C.dim()) if _position_free(node) else None
+        if vec is None:
+            raise ModuleOutputError(
+                f"the removed units of {', '.join(f.groups)} leave a constant in module "
+                f"{owner_of(weight)!r} that differs by position (e.g. a zero-padded "
+                f"convolution sees it only inside the image); no bias can carry it. Use "
+                f"output='graph' (etp_fx.compress), which adds it as a constant map, or zero "
+                f"the units whole (keep_constants=False).")
+        bias = node.args[spec.bias] if spec.bias is not None and spec.bias < len(node.args) \
+            else None
+        bias_name = str(bias.target) if isinstance(bias, fx.Node) and bias.op == "get_attr" \
+            else None
+        out.append({"module": owner_of(weight), "bias": bias_name, "vector": vec,
+                    "groups": list(f.groups)})
+    return out
+
+
+def _position_free(node: fx.Node) -> bool:
+    """Does a constant input give the same contribution at every position, whatever the
+    input size? Not through a zero-padded or transposed convolution (borders see less of the
+    kernel; at a 1x1 trace size every position looks alike)."""
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    if "conv" not in name:
+        return True  # linear, addmm, matmul: every position sees every weight
+    if "transpose" in name or (name == "convolution" and len(node.args) > 6 and node.args[6]):
+        return False
+    padding = node.args[4] if len(node.args) > 4 else 0
+    if isinstance(padding, str):
+        return padding == "valid"
+    return not any(int(p) for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+
+
+def _weight_name(node: fx.Node, spec) -> str:
+    """The weight operand of a linear consumer (the get_attr that is neither input nor bias)."""
+    for i, a in enumerate(node.args):
+        if i not in (spec.x, spec.bias) and isinstance(a, fx.Node) and a.op == "get_attr":
+            return str(a.target)
+    raise ModuleOutputError(f"cannot fold constants into {node.format_node()}: its operand is "
+                            f"not a weight of a module; use output='graph' (etp_fx.compress)")
+
+
+_BIAS_CAPABLE = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+
+
+def add_fold_biases(model: torch.nn.Module, folds: list[dict[str, Any]]) -> list[str]:
+    """Add each fold's vector to its module's bias; a Linear or convolution without one gets
+    one (``bias=True`` behaviour, the same forward). Returns one report line per fold."""
+    lines = []
+    for f in folds:
+        module = model.get_submodule(f["module"])
+        vec = f["vector"]
+        if f["bias"] is not None:
+            old = get_tensor(model, f["bias"])
+            with torch.no_grad():
+                old.add_(vec.to(old.dtype).to(old.device))
+            lines.append(f"{f['module']}: constants of {', '.join(f['groups'])} folded into "
+                         f"the bias")
+            continue
+        if not isinstance(module, _BIAS_CAPABLE) or getattr(module, "bias", None) is not None:
+            raise ModuleOutputError(
+                f"module {f['module']!r} ({type(module).__name__}) receives constants of "
+                f"{', '.join(f['groups'])} but has no bias to carry them; use output='graph' "
+                f"(etp_fx.compress) or zero the units whole (keep_constants=False)")
+        w = module.weight
+        module.bias = torch.nn.Parameter(vec.to(w.dtype).to(w.device).contiguous(),
+                                         requires_grad=w.requires_grad)
+        lines.append(f"{f['module']}: constants of {', '.join(f['groups'])} folded into a new "
+                     f"bias")
+    return lines
