@@ -39,12 +39,12 @@ __all__ = ["compress_module", "apply_widths", "module_plan", "other_inputs"]
 
 def compress_module(model: torch.nn.Module, example_inputs: Any,
                     selection: Selection | None = None, *, graph: DependencyGraph | None = None,
-                    verify: bool = True, rtol: float = 1e-5, keep_constants: bool | None = None,
+                    verify: bool = True, rtol: float | None = None,
+                    keep_constants: bool | None = None,
                     allow_approximate: bool = False, uniform: bool = False,
                     **select_forms: Any) -> torch.nn.Module:
-    """Remove units and return a smaller deep copy of ``model``: the same class, the same
-    methods (``generate()``, ``save_pretrained``, ...), its tensors sliced and its size
-    attributes updated.
+    """Remove units and return a smaller deep copy of ``model``: the same class and methods
+    (``generate()``, ``save_pretrained``, ...), tensors sliced, size attributes updated.
 
     Parameters are those of :func:`etp_fx.compress` (``selection`` or one keyword form such as
     ``ratio=0.3, include=["head", "neuron"]``; ``graph``; ``verify``; ``rtol``;
@@ -69,8 +69,9 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
     Raises
     ------
     ModuleOutputError
-        A change the modules cannot express; the message names the module.
-    VerificationError, FoldError, PlanError
+        A change the modules cannot express, or a result that differs from the zeroed
+        original; the message names the module.
+    FoldError, PlanError, SelectionError
         As :func:`etp_fx.compress`.
 
     Examples
@@ -223,7 +224,9 @@ def _run(model: torch.nn.Module, args: tuple, kw: dict) -> Any:
 
 
 def _verify(small, zeroed, args, kw, rtol, plan, graph, approximate: bool) -> dict[str, Any]:
-    """Run ``small`` against the zeroed original on the example inputs and on another shape."""
+    """Run ``small`` against the zeroed original on the example inputs and on another shape
+    (``rtol`` None: 1e-5 of the output's scale, rechecked in float64 beyond it)."""
+    rtol = 1e-5 if rtol is None else float(rtol)
     out: dict[str, Any] = {"checked": []}
     cases = [(args, kw, "the example inputs")]
     other = other_inputs(args, kw)
