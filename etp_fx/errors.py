@@ -83,6 +83,13 @@ class ModelError(Error, TypeError):
 __all__ += ["ModelError"]
 
 
+class OptionError(Error, ValueError):
+    """An option has a value it cannot take; the message names the option and what it takes."""
+
+
+__all__ += ["OptionError"]
+
+
 class ModuleOutputError(Error, ValueError):
     """A change cannot be made in the user's own modules (``output="module"``): a width their
     code hard-codes, a constant no bias can carry; the message names the module and suggests

@@ -112,11 +112,20 @@ def test_training_mode_warns_and_is_kept():
 
 
 def test_approximate_groups_need_consent():
-    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).eval()
+    # an argmax over the pruned dim: removing a class shifts the ids of the ones after it
+    class Classes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).argmax(-1)
+
+    m = Classes().eval()
     with pytest.raises(etp_fx.PlanError, match="allow_approximate"):
-        etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]})
-    small = etp_fx.compress(m, torch.randn(3, 4), remove={"0.weight[0]": [1]}, allow_approximate=True)
-    assert small.meta["etp_report"]["groups"]["0.weight[0]"]["exactness"] == "approximate"
+        etp_fx.compress(m, torch.randn(3, 4), remove={"b.weight[0]": [1]})
+    small = etp_fx.compress(m, torch.randn(3, 4), remove={"b.weight[0]": [1]}, allow_approximate=True)
+    assert small.meta["etp_report"]["groups"]["b.weight[0]"]["exactness"] == "approximate"
 
 
 def test_verification_failure_names_the_group(monkeypatch):

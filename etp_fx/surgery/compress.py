@@ -1,98 +1,95 @@
-"""``etp_fx.compress``: one call from a model and a plan to a dense, smaller, verified model."""
+"""``etp_fx.compress``: one call from a model and a selection to a dense, smaller, verified model.
+
+A short sequence of passes: select -> capture (cached, :mod:`.captures`) -> zero a working copy
+(:mod:`.zero`, :mod:`.working_copy`) -> plan folds -> rewrite -> apply folds -> check shapes ->
+verify (:mod:`.verify`) -> report. Each compression attempt is one :class:`Job`.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import warnings
-import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import check_capture, flat_inputs, normalize_inputs
-from ..errors import FoldError, PlanError, VerificationError
+from ..capture import check_model_and_inputs, describe_inputs, normalize_inputs
+from ..errors import (FoldError, ModelError, PlanError, RewriteError, TraceError,
+                      VerificationError)
 from ..graph.depgraph import DependencyGraph
-from ..graph.signature import check_model_matches, structure_of
-from ..graph.trace import trace_args
-from ..regularise.selection import Selection, selection_from
-from .fold import apply_folds, plan_folds
 from ..graph.plan import kept_units
+from ..graph.signature import check_model_matches
+from ..graph.trace import trace_args
+from ..regularise.selection import Plan, Selection, selection_from
+from .captures import batch_dynamic, batch_of_two, capture_for, fits
+from .fold import apply_folds, plan_folds
 from .rewrite import check_shapes, rewrite_module
+from .verify import (Tolerance, check_rtol, culprits, deviation_message, reference_checks,
+                     run_checks, tolerance_for)
+from .working_copy import working_copy
 from .zero import zeroed_slices
 
-__all__ = ["compress", "VerificationError"]
+__all__ = ["compress", "Job", "VerificationError"]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One compression attempt: everything fixed before the surgery starts."""
 
-def _check_weights(model: torch.nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not p.dtype.is_floating_point or p.is_quantized:
-            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; etp_fx prunes float "
-                            f"models. Prune before quantizing, then quantize the smaller model.")
-        if p.device.type == "meta":
-            raise TypeError(f"parameter {name!r} is on the meta device: trace() can analyse such "
-                            f"a model, but compress() needs real weights")
+    model: torch.nn.Module  # where the weights come from (never modified)
+    graph: DependencyGraph  # the user's graph: group ids, sizes, the cost of its trace
+    base: DependencyGraph  # the capture rewritten (each attempt rewrites a working copy)
+    plan: Mapping[str, list[int]]  # {group id: units removed}
+    traced: tuple[tuple, dict]  # the inputs ``base`` was traced on
+    example: tuple[tuple, dict]  # the inputs as given
+    keep_constants: bool  # zero only the writing weights, fold the constants (else zero whole)
+    tolerance: Tolerance
+    verify: bool
+    dynamic_batch: bool
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection | None = None,
-             *, graph: DependencyGraph | None = None, verify: bool = True, rtol: float = 1e-5,
-             keep_constants: bool | None = None, allow_approximate: bool = False,
-             dynamic_batch: bool = True, **select_forms: Any) -> fx.GraphModule:
-    """Remove units and return a dense, smaller ``torch.fx.GraphModule``.
-
-    The result computes what ``zero_units(copy(model), graph, plan)`` computes (the *zeroed
-    original*), and with ``verify=True`` this is checked by running both on the example inputs.
+             *, graph: DependencyGraph | None = None, verify: bool = True,
+             rtol: float | None = None, keep_constants: bool | None = None,
+             allow_approximate: bool = False, dynamic_batch: bool = True,
+             **select_forms: Any) -> fx.GraphModule:
+    """Remove units and return a dense, smaller ``torch.fx.GraphModule`` that computes what
+    ``zero_units(copy(model), graph, plan)`` computes (the *zeroed original*).
 
     Parameters
     ----------
     model : nn.Module
-        Not modified. Compressed in eval mode (BatchNorm on running statistics, dropout off);
-        a model in training mode gets a warning.
+        Not modified. Compressed in eval mode (a model in training mode gets a warning).
     example_inputs : Tensor, tuple or dict
-        Inputs the result is traced for: a tensor, a tuple of positional inputs or a dict of
-        keyword inputs.
+        Positional inputs (a tensor or a tuple) or keyword inputs (a dict); finite.
     selection : Selection, optional
-        Which units go: :class:`etp_fx.Budget`, :class:`etp_fx.Ratio`,
-        :class:`etp_fx.Threshold` or :class:`etp_fx.Plan`. Or, instead, exactly one keyword
-        form (sugar for the same values): ``remove={group_id: [unit indices]}`` (a Plan),
-        ``threshold=`` (a Threshold), ``ratio=`` (a Ratio), ``target_macs=`` /
-        ``target_params=`` (a Budget: the share of MACs / params to keep, in (0, 1]), plus the
-        selection's own options, e.g. ``ratio=0.5, scope="global"`` or ``threshold=0.02,
-        relative=True``. An option the selection does not take is an error.
+        :class:`etp_fx.Budget`, :class:`etp_fx.Ratio`, :class:`etp_fx.Threshold` or
+        :class:`etp_fx.Plan`; or one keyword form with its options: ``remove=`` (a Plan),
+        ``threshold=``, ``ratio=``, ``target_macs=`` / ``target_params=`` (a Budget).
     graph : DependencyGraph, optional
-        A graph traced from this model, to avoid tracing again. With ``dynamic_batch=False``
-        its capture is reused (no second ``torch.export``) when the model has the module tree
-        and the inputs the shapes it was traced with; otherwise, and for a batch-dynamic
-        result, the model is captured once more (once per graph: later calls reuse it). The
-        weights are always read from ``model`` as it is now.
+        A graph traced from this model; its capture is reused where it fits, else the model is
+        captured again (once per graph). Weights are read from ``model`` as it is now.
     verify : bool
-        Run the compressed model against the zeroed original and raise
-        :class:`VerificationError`, naming the groups, on any difference beyond ``rtol`` of the
-        output's scale. A float32 difference beyond ``rtol`` is rechecked with both models in
-        float64 (ill-conditioned ops, such as a norm over two features, amplify rounding);
-        the model is returned only if they agree there to 1e-9 (``float64_rel_diff`` in the
-        report).
-    rtol : float
-        The verification tolerance, relative to the output's scale.
+        Check the result against the zeroed original on the example and (batch-dynamic
+        results) a random draw at another batch size; see ``docs/verification.md``.
+    rtol : float, optional
+        Tolerance relative to the output's scale; default by dtype: float64 1e-10, float32
+        1e-5, float16 and bfloat16 8 eps. A difference beyond it is rechecked in float64.
     keep_constants : bool, optional
-        Keep the per-unit biases and norm shifts of removed units and fold their constants into
-        the consumers. Default: False for a Plan (units are zeroed whole), True for the
-        norm-based selections (trained biases are preserved).
+        Keep removed units' biases and norm shifts, folding their constants into consumers.
+        Default: False for a Plan, True for the norm-based selections.
     allow_approximate : bool
-        Allow removing units of groups whose removal is approximate (norms over the pruned dim).
-        Verification then reports the deviation instead of raising.
+        Allow removing units of approximate groups; their deviation is reported, not raised.
     dynamic_batch : bool
-        Keep dim 0 of the inputs symbolic, so the result accepts any batch size (where the
-        model's code allows; otherwise the example's sizes are kept). A batch of 1 is traced as
-        a batch of 2, since torch.export specialises sizes 0 and 1.
+        Accept any batch size where the model's code allows (checked at another batch).
 
     Returns
     -------
     torch.fx.GraphModule
-        With ``meta["etp_report"]``: params and MACs before and after, each changed group (old
-        width, new width, exactness), folds and the verified deviation.
+        ``meta["etp_report"]``: params, MACs (at ``macs_counted_at``), groups, folds, ``verified``.
 
     Examples
     --------
@@ -103,327 +100,181 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     True
     """
     selection = selection_from(selection, **select_forms)
-    _check_weights(model)
+    args, kw, graph = _prepared(model, example_inputs, graph, rtol)
+    plan = _select(selection, graph, model, allow_approximate)                     # select
+    base, traced = capture_for(model, graph, args, kw, dynamic_batch)             # capture
+    job = Job(model, graph, base, plan, traced, (args, kw),
+              selection.keeps_constants if keep_constants is None else keep_constants,
+              tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
+    small = _surgery(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify, report
+    failed = _failed_checks(small)
+    if failed and not _approximate(graph, plan):
+        raise _refusal(job, failed)
+    return small
+
+
+def _prepared(model: torch.nn.Module, example_inputs: Any, graph: DependencyGraph | None,
+              rtol: Any) -> tuple[tuple, dict, DependencyGraph]:
+    """The normalised example inputs and the graph, once the options, weights and inputs are
+    ones compress can take (refused before any work)."""
+    check_rtol(rtol)
     args, kw = normalize_inputs(example_inputs)
+    check_model_and_inputs(model, args, kw)  # NaN/Inf inputs, quantized or sparse weights
+    _check_weights(model)
     if model.training:
         warnings.warn("compress() treats the model as in eval mode (BatchNorm uses running "
                       "statistics, dropout is off); the model you passed is left in training "
-                      "mode", stacklevel=2)
+                      "mode", stacklevel=3)
     graph = graph if graph is not None else trace_args(model, args, kw)
     check_model_matches(graph, model)
-    plan = selection.select(graph, model, allow_approximate=allow_approximate)
-    approximate = [gid for gid in plan if not graph[gid].exact]
+    return args, kw, graph
+
+
+def _check_weights(model: torch.nn.Module) -> None:
+    """Float weights with values: what trace can analyse but compress cannot prune."""
+    for name, p in model.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise ModelError(f"parameter {name!r} has dtype {p.dtype}; etp_fx prunes float "
+                             f"models. Prune before quantizing, then quantize the smaller model.")
+        if p.device.type == "meta":
+            raise ModelError(f"parameter {name!r} is on the meta device: trace() can analyse "
+                             f"such a model, but compress() needs real weights")
+
+
+def _select(selection: Selection, graph: DependencyGraph, model: torch.nn.Module,
+            allow_approximate: bool) -> dict[str, list[int]]:
+    """The plan; approximate groups only with consent."""
+    ranked = model
+    if not isinstance(selection, Plan) and any(p.dtype == torch.float64
+                                               for p in model.parameters()):
+        # the norm kernel reduces in float32 and refuses float64 weights: rank a float32 copy
+        ranked = copy.deepcopy(model).float()
+    plan = selection.select(graph, ranked, allow_approximate=allow_approximate)
+    approximate = _approximate(graph, plan)
     if approximate and not allow_approximate:
         raise PlanError(f"removing units of {approximate[:3]} is approximate "
                         f"({graph[approximate[0]].inexact_reasons[0].split(' at ')[0]}); pass "
                         f"allow_approximate=True to accept that")
-    if keep_constants is None:
-        keep_constants = selection.keeps_constants
-    # a trace that holds for any batch size serves a batch-dynamic result as it is
-    dynamic_capture = dynamic_batch and not _batch_generic(graph, model, args, kw)
-    if dynamic_capture:  # export specialises a size of 1: trace a batch of two identical halves
-        args, kw = _batch_of_two(args, kw)
-    base = _base_graph(model, graph, args, kw, dynamic_capture)
-    run = (model, base, graph, plan, args, kw, keep_constants, rtol)
+    return plan
+
+
+def _approximate(graph: DependencyGraph, plan: Mapping[str, Any]) -> list[str]:
+    return [gid for gid in plan if not graph[gid].exact]
+
+
+def _zeroed_original(job: Job) -> fx.GraphModule:
+    """A working copy of the capture with the model's weights and the plan's units zeroed."""
+    gm = working_copy(job.base.module, job.model)
+    params = dict(gm.named_parameters(remove_duplicate=False))  # tied names too
+    with torch.no_grad():
+        for name, dim, idx in zeroed_slices(job.base, job.plan, job.keep_constants, params):
+            params[name].index_fill_(dim, idx, 0.0)
+    return gm
+
+
+def _surgery(job: Job) -> fx.GraphModule:
+    """Zero a working copy of the capture, then rewrite it into the smaller model: the zeroed
+    original is the copy before the rewrite. Its outputs on every input to verify are taken
+    then; the rewritten model's after."""
+    g2 = dataclasses.replace(job.base, module=_zeroed_original(job))
+    gm = g2.module
+    _check_same_groups(job, g2)
+    keep = kept_units(g2, job.plan)
+    ran: list = []  # planning folds runs the zeroed original once (when there is a fold)
+    folds = plan_folds(gm, keep, {g2[gid].uid: gid for gid in job.plan}, *job.traced,
+                       outputs=ran)
+    checks = reference_checks(gm, job.model, job.example, job.traced, ran[0] if ran else None,
+                              job.dynamic_batch) if job.verify else []
+    del ran
+    rewrite_module(gm, keep)
+    fold_lines = apply_folds(gm, folds, keep)
+    with torch.no_grad():
+        got = check_shapes(gm, keep, *job.traced)
+    verified = run_checks(checks, gm, got, job.tolerance, lambda: _zeroed_original(job))
+    gm.meta["etp_report"] = _report(job, g2, gm, fold_lines, verified)
+    example = _detached(job.example)  # save() exports at these: a batch of 1 is specialised
+    gm.meta["etp_example_inputs"] = batch_of_two(*example) if \
+        gm.meta["etp_report"]["batch_dynamic"] else example
+    return gm
+
+
+def _detached(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), inputs)
+
+
+def _check_same_groups(job: Job, g2: DependencyGraph) -> None:
+    ids = {g.id for g in g2.groups}
+    for gid in job.plan:
+        if gid not in ids or g2[gid].size != job.graph[gid].size:
+            raise TraceError(f"group {gid!r} changed between two traces of the same model "
+                             f"(the graph given and compress's capture at "
+                             f"{describe_inputs(*job.traced)}); etp_fx cannot compress it "
+                             f"safely. Trace the model again with these inputs.")
+
+
+def _failed_checks(small: fx.GraphModule) -> list[dict]:
+    return [r for r in small.meta["etp_report"]["verified"] if r["passed"] is False]
+
+
+def _refusal(job: Job, failed: list[dict]) -> Exception:
+    """The error for a result that does not verify: a FoldError when the units' kept constants
+    are to blame (zeroed whole, they verify), else a VerificationError naming the groups."""
+    message = deviation_message(failed[0], job.plan)
+    if job.keep_constants and _verifies(dataclasses.replace(job, keep_constants=False)):
+        return FoldError(
+            f"the removed units carry constants (kept biases or norm shifts) into ops etp_fx "
+            f"cannot fold them into (for example an einsum or a matmul between activations), so "
+            f"removing them would change the result ({message}). Zero the units whole "
+            f"(keep_constants=False), or train their biases to zero first.")
+    return VerificationError(f"{message}\n" + culprits(job.plan, lambda gid: not _verifies(
+        dataclasses.replace(job, plan={gid: job.plan[gid]}))))
+
+
+def _verifies(job: Job) -> bool:
     try:
-        small = _compress_plan(*run, verify, approximate)
-    except VerificationError as e:
-        if keep_constants and _verifies_zeroed_whole(*run):
-            raise FoldError(
-                f"the removed units carry constants (kept biases or norm shifts) into ops "
-                f"etp_fx cannot fold them into (for example an einsum or a matmul between "
-                f"activations), so removing them would change the result ({e}). Zero the units "
-                f"whole (keep_constants=False), or train their biases to zero first.") from None
-        raise VerificationError(f"{e}\n{_culprits(*run)}") from None
-    if dynamic_batch:  # save() exports at these inputs: a batch of 1 would be specialised
-        small.meta["etp_example_inputs"] = _batch_of_two(*small.meta["etp_example_inputs"])
-    return small
-
-
-def _batch_of_two(args: tuple, kw: dict) -> tuple[tuple, dict]:
-    """Inputs whose batch of 1 is repeated to 2 (torch.export specialises a size of 1)."""
-    return pytree.tree_map_only(
-        torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, (args, kw))
-
-
-def _base_graph(model, graph: DependencyGraph, args: tuple, kw: dict,
-                dynamic_capture: bool) -> DependencyGraph:
-    """The capture to rewrite (never modified: each attempt rewrites a copy).
-
-    The user's own trace when it fits (static shapes wanted, traced on inputs of these shapes):
-    no second capture. Otherwise (a batch-dynamic result is wanted, or other inputs) the model
-    is captured once more, unzeroed; zeroing is done on copies of that capture. A fast-path
-    capture (:mod:`etp_fx.fxcapture`) is first run against the model on the inputs; if they
-    disagree, the model is exported instead."""
-    if not dynamic_capture and graph.structure == structure_of(model) and \
-            _fits(graph.module, args, kw):
-        base = graph
-    else:
-        base = _cached_capture(model, graph, args, kw, dynamic_capture, "auto")
-    if check_capture(base.module, model, args, kw) is None:
-        return base
-    return _cached_capture(model, graph, args, kw, dynamic_capture, "export")
-
-
-# captures of a model that compress() made for other input shapes or a dynamic batch, per user
-# graph, keyed by (id of the model, dynamic_batch, input shapes): one export per key. Kept here,
-# by the pass that owns them, so that a DependencyGraph never changes after it is built.
-_CAPTURES: "weakref.WeakKeyDictionary[DependencyGraph, dict]" = weakref.WeakKeyDictionary()
-
-
-def _cached_capture(model, graph: DependencyGraph, args: tuple, kw: dict, dynamic_batch: bool,
-                    method: str) -> DependencyGraph:
-    """A capture of ``model`` for these inputs, remembered on ``graph`` (one at a time)."""
-    flat, spec = pytree.tree_flatten((args, kw))
-    key = (id(model), dynamic_batch, method, str(spec), tuple(
-        (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v)
-        for v in flat))
-    cache = _CAPTURES.setdefault(graph, {})
-    hit = cache.get(key)
-    if hit is not None and hit[0]() is model and hit[1].structure == structure_of(model) \
-            and hit[1].signature == graph.signature:
-        return hit[1]
-    base = trace_args(model, args, kw, dynamic_batch=dynamic_batch, method=method)
-    cache.clear()  # one at a time: it holds a graph module
-    cache[key] = (weakref.ref(model), base)
-    return base
-
-
-def _batch_generic(graph: DependencyGraph, model, args: tuple, kw: dict) -> bool:
-    """Is the user's trace a capture that holds for any batch size, of this model, on inputs
-    of these shapes? Then it serves a batch-dynamic result as it is (no second capture)."""
-    return bool(graph.module.meta.get("etp_batch_generic")) and \
-        graph.structure == structure_of(model) and _fits(graph.module, args, kw)
-
-
-def _fits(gm: fx.GraphModule, args: tuple, kw: dict) -> bool:
-    """Was ``gm`` captured on inputs of exactly these shapes and dtypes (static shapes)?"""
-    try:
-        flat = flat_inputs(gm, args, kw)
-    except Exception:  # noqa: BLE001 - another input structure
-        return False
-    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(ph) != len(flat):
-        return False
-    for n, v in zip(ph, flat):
-        m = n.meta.get("val")
-        if isinstance(v, torch.Tensor) != isinstance(m, torch.Tensor):
-            return False
-        if isinstance(v, torch.Tensor):
-            if v.dtype != m.dtype or len(v.shape) != len(m.shape) or any(
-                    not isinstance(a, int) or a != b for a, b in zip(m.shape, v.shape)):
-                return False
-    return True
-
-
-def _verifies_zeroed_whole(model, base, graph, plan, args, kw, keep_constants, rtol) -> bool:
-    try:
-        _compress_plan(model, base, graph, plan, args, kw, False, rtol, True, [])
-        return True
+        return not _failed_checks(_surgery(dataclasses.replace(job, verify=True)))
     except VerificationError:
         return False
 
 
-def _compress_plan(model, base, graph, plan, args, kw, keep_constants, rtol, verify,
-                   approximate):
-    """Zero the plan's units in a copy of the capture ``base`` (weights from ``model``), then
-    rewrite that copy: the zeroed original is the copy before the rewrite."""
-    def zeroed_original() -> fx.GraphModule:
-        gm = _working_copy(base.module, model)
-        params = dict(gm.named_parameters(remove_duplicate=False))  # tied names too
-        with torch.no_grad():
-            for name, dim, idx in zeroed_slices(base, plan, keep_constants, params):
-                params[name].index_fill_(dim, idx, 0.0)
-        return gm
-
-    g2 = dataclasses.replace(base, module=zeroed_original())
-    return _compress_traced(g2, graph, plan, args, kw, verify, approximate, rtol,
-                            zeroed_original)
-
-
-def _working_copy(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule:
-    """A copy of the exported module ``gm`` that can be zeroed and rewritten in place: its own
-    graph (the nodes' ``meta`` copied shallowly, so layouts are shared), its own module tree,
-    and its own copy of every parameter and buffer, taken from ``model`` under the same name
-    (the weights to compress, as they are now), else from ``gm``. Tied tensors stay tied.
-    Much cheaper than ``copy.deepcopy`` (which also copies every node's fake tensor)."""
-    src = dict(model.named_parameters(remove_duplicate=False))
-    src.update(model.named_buffers(remove_duplicate=False))
-    clones: dict[int, torch.Tensor] = {}
-
-    def clone(name: str, t: torch.Tensor) -> torch.Tensor:
-        s = src.get(name)
-        if s is None or s.shape != t.shape or s.dtype != t.dtype:
-            s = t
-        if id(s) not in clones:
-            c = s.detach().clone()
-            if isinstance(t, torch.nn.Parameter):
-                c = torch.nn.Parameter(c, requires_grad=t.requires_grad)
-            clones[id(s)] = c
-        return clones[id(s)]
-
-    def has_state(m: torch.nn.Module) -> bool:
-        return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
-
-    def copy_module(m: torch.nn.Module, prefix: str) -> torch.nn.Module:
-        if isinstance(m, fx.GraphModule) and prefix:
-            if has_state(m):
-                raise _NoCopy
-            return m  # a stateless graph (the input guards): shared
-        if prefix:
-            new = m.__class__.__new__(m.__class__)
-            new.__dict__.update(m.__dict__)
-        else:
-            cls = next(c for c in type(m).__mro__ if c.__name__ != "GraphModuleImpl")
-            new = fx.GraphModule.__new__(cls)  # its own class: forward lives on the class
-            new.__dict__.update(m.__dict__)
-            new.meta = dict(m.meta)
-        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-            if hooks in m.__dict__:
-                new.__dict__[hooks] = type(m.__dict__[hooks])(m.__dict__[hooks])
-        new._parameters = {k: None if v is None else clone(prefix + k, v)
-                           for k, v in m._parameters.items()}
-        new._buffers = {k: None if v is None else clone(prefix + k, v)
-                        for k, v in m._buffers.items()}
-        new._modules = {k: None if c is None else (copy_module(c, f"{prefix}{k}.")
-                                                   if has_state(c) or isinstance(c, fx.GraphModule)
-                                                   else c)
-                        for k, c in m._modules.items()}
-        for k, v in m.__dict__.items():  # plain tensor attributes (lifted constants)
-            if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
-                new.__dict__[k] = clone(prefix + k, v)
-        return new
-
-    try:
-        new = copy_module(gm, "")
-    except _NoCopy:
-        new = copy.deepcopy(gm)
-        with torch.no_grad():
-            for name, t in list(new.named_parameters(remove_duplicate=False)) + \
-                    list(new.named_buffers(remove_duplicate=False)):
-                s = src.get(name)
-                if s is not None and s.shape == t.shape and s.dtype == t.dtype:
-                    t.copy_(s)
-        return new
-    new.graph = copy.deepcopy(gm.graph)  # the setter recompiles into new's own class
-    return new
-
-
-class _NoCopy(Exception):
-    pass
-
-
-def _culprits(model, base, graph, plan, args, kw, keep_constants, rtol, limit: int = 32) -> str:
-    """Compress each group alone to name the ones that break verification."""
-    bad = []
-    for gid in list(plan)[:limit]:
-        try:
-            _compress_plan(model, base, graph, {gid: plan[gid]}, args, kw, keep_constants,
-                           rtol, True, [])
-        except VerificationError:
-            bad.append(gid)
-        except Exception as e:  # noqa: BLE001 - reported, not hidden
-            bad.append(f"{gid} ({type(e).__name__}: {e})")
-    if not bad:
-        return "Each group alone verifies; the failure comes from removing them together."
-    return "Groups that fail alone: " + ", ".join(bad)
-
-
-def _compress_traced(g2: DependencyGraph, graph: DependencyGraph, plan: dict[str, list[int]],
-                     args: tuple, kw: dict, verify: bool, approximate: list[str], rtol: float,
-                     zeroed_original):
-    gm = g2.module
-    for gid, units in plan.items():
-        if gid not in {g.id for g in g2.groups} or g2[gid].size != graph[gid].size:
-            raise RuntimeError(f"group {gid!r} changed between two traces of the same model; "
-                               f"etp_fx cannot compress it safely")
-    keep = kept_units(g2, plan)
-    group_of = {g2[gid].uid: gid for gid in plan}
-    # two forward passes in all: the zeroed original's (planning the folds, when there are any,
-    # records its output as the reference) and the rewritten module's (checking every node's
-    # shape, its output is the one verified)
-    ran: list = []
-    folds = plan_folds(gm, keep, group_of, args, kw, outputs=ran)
-    reference = None
-    if verify:
-        if ran:
-            reference = ran[0]
-        else:
-            with torch.no_grad():
-                reference = gm(*args, **kw)
-    del ran
-    widths = {gid: g2[gid].size - len(units) for gid, units in plan.items()}
-    rewrite_module(gm, keep)
-    fold_lines = apply_folds(gm, folds, keep)
-    with torch.no_grad():
-        got = check_shapes(gm, keep, args, kw)
-    report = _report(graph, g2, plan, widths, gm, fold_lines)
-    if verify:
-        report["max_abs_diff"], report["output_scale"] = _compare(reference, got)
-        bad = report["max_abs_diff"] > rtol * max(report["output_scale"], 1e-12)
-        if bad and not approximate:
-            # float32 rounding, amplified by an ill-conditioned op (a norm over two features,
-            # say), or a real difference? Both models again in float64 tell them apart
-            report["float64_rel_diff"] = _deviation_in_float64(zeroed_original(), gm, args, kw)
-            bad = report["float64_rel_diff"] is None or report["float64_rel_diff"] > 1e-9
-        if bad and not approximate:
-            raise VerificationError(
-                f"the compressed model differs from the zeroed original by "
-                f"{report['max_abs_diff']:.3g} (output scale {report['output_scale']:.3g}) after "
-                f"removing units of {sorted(plan)[:5]}{'...' if len(plan) > 5 else ''}. This is an "
-                f"etp_fx bug: please report it.")
-    gm.meta["etp_report"] = report
-    gm.meta["etp_example_inputs"] = (pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), args),
-                                     pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), kw))
-    return gm
-
-
-def _deviation_in_float64(zeroed: fx.GraphModule, small: fx.GraphModule, args: tuple,
-                          kw: dict) -> float | None:
-    """max |zeroed - small| / output scale with both models and the inputs in float64, or
-    None when a model does not run in float64 (a cast to float32 inside, say)."""
-    def to64(t: torch.Tensor) -> torch.Tensor:
-        return t.double() if t.is_floating_point() else t
-    try:
-        small64 = copy.deepcopy(small).double()
-        args64, kw64 = pytree.tree_map_only(torch.Tensor, to64, (args, kw))
-        with torch.no_grad():
-            diff, scale = _compare(zeroed.double()(*args64, **kw64), small64(*args64, **kw64))
-    except Exception:  # noqa: BLE001 - no float64 answer: the float32 verdict stands
-        return None
-    return diff / max(scale, 1e-300)
-
-
-def _compare(a: Any, b: Any) -> tuple[float, float]:
-    fa = [t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    fb = [t for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb)):
-        raise VerificationError("the compressed model's outputs have other shapes than the "
-                                "original's; the model interface must not change")
-    diff = max((float((x - y).abs().max()) for x, y in zip(fa, fb) if x.numel()), default=0.0)
-    scale = max((float(x.abs().max()) for x in fa if x.numel()), default=0.0)
-    return diff, scale
-
-
-def _report(graph: DependencyGraph, g2: DependencyGraph, plan, widths, gm: fx.GraphModule,
-            fold_lines) -> dict:
-    cm = graph.cost  # the user's trace: MACs at the user's batch size
+def _report(job: Job, g2: DependencyGraph, gm: fx.GraphModule, fold_lines: list[str],
+            verified: list[dict]) -> dict:
+    """Params, MACs, changed groups, folds, and what was verified."""
+    widths = {gid: g2[gid].size - len(units) for gid, units in job.plan.items()}
     counted = sum(p.numel() for n, p in gm.named_parameters())
-    predicted = cm.params(widths)
+    predicted = job.graph.cost.params(widths)
     # folds may add a bias where there was none: those parameters are counted separately
     added = sum(p.numel() for n, p in gm.named_parameters() if n.startswith("_etp_bias_"))
     if counted - added != predicted:
-        raise RuntimeError(f"parameter count {counted - added:,} differs from the cost model's "
-                           f"{predicted:,}: an etp_fx bug, please report it")
+        raise RewriteError(f"the compressed model has {counted - added:,} parameters, the cost "
+                           f"model predicts {predicted:,}. This is an etp_fx bug: please report "
+                           f"it with the model.")
     groups = {}
-    for gid, removed in plan.items():
+    for gid, removed in job.plan.items():
         g = g2[gid]
         exactness = "exact" if g.exact else "approximate"
         if g.exact and any(gid in line for line in fold_lines):
             exactness = "exact-after-folding"
         groups[gid] = {"old": g.size, "new": widths[gid], "exactness": exactness,
                        "removed": list(removed)}
-    return {"params_before": cm.params(), "params_after": counted,
-            "macs_before": cm.macs(), "macs_after": cm.macs(widths), "groups": groups,
-            "folds": fold_lines}
+    # MACs depend on the input shapes: count them on a capture made at the inputs given
+    cost, at = (job.graph.cost, job.example) if fits(job.graph.module, *job.example) else \
+        (job.base.cost, job.traced)
+    report = {"params_before": cost.params(), "params_after": counted,
+              "macs_before": cost.macs(), "macs_after": cost.macs(widths),
+              "macs_counted_at": describe_inputs(*at), "groups": groups, "folds": fold_lines,
+              "batch_dynamic": batch_dynamic(gm), "verified": verified}
+    return report | _headline(verified)
+
+
+def _headline(verified: list[dict]) -> dict:
+    """The example's deviation at the top level (``max_abs_diff``, ``output_scale``), and the
+    largest float64 recheck, where one ran."""
+    out: dict[str, Any] = {}
+    first = next((r for r in verified if "max_abs_diff" in r), None)
+    if first is not None:
+        out.update(max_abs_diff=first["max_abs_diff"], output_scale=first["output_scale"])
+    rechecked = [r["float64_rel_diff"] for r in verified if "float64_rel_diff" in r]
+    if rechecked:
+        out["float64_rel_diff"] = None if None in rechecked else max(rechecked)
+    return out

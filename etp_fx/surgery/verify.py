@@ -1,0 +1,391 @@
+"""Verification: the compressed model against the *zeroed original*, on more than one input.
+
+The oracle is the capture the result was rewritten from, with the removed units zeroed (what
+:func:`etp_fx.zero_units` makes of the model). Both run on the example inputs and, for a result
+that accepts any batch size, on a second random draw at another batch size. Floating outputs
+must agree to a tolerance of the output's scale that depends on the dtype the model computes
+in; integer and boolean outputs must be equal. A floating difference beyond the tolerance is
+rechecked with both models in float64, which tells rounding (amplified by an ill-conditioned
+op) from a real difference. What cannot be checked is refused, never passed: non-finite inputs
+or reference outputs, a model with no output to compare, a tolerance that is not a number
+(non-finite example inputs are refused before any capture, by
+:func:`etp_fx.capture.check_model_and_inputs`).
+``docs/verification.md`` describes all of it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..capture import describe_inputs, eval_mode
+from ..errors import OptionError, VerificationError
+
+__all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "check_rtol", "tolerance_for", "Comparison", "compare", "Check", "reference_checks", "run_checks",
+           "deviation_message", "culprits"]
+
+_EPS16, _EPSBF16 = torch.finfo(torch.float16).eps, torch.finfo(torch.bfloat16).eps
+#: default tolerance, relative to the output's scale, by the least precise dtype the model
+#: computes in: float64 and float32 leave room for rounding through many layers; float16 and
+#: bfloat16 store every folded bias rounded to their precision (a few eps of a layer's scale)
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5,
+              torch.float16: 8 * _EPS16, torch.bfloat16: 8 * _EPSBF16}
+#: tolerance of the float64 recheck: the computation's rounding is gone, the parameters'
+#: rounding to the model's dtype (folded biases) is not
+RECHECK_TOLERANCES = {torch.float32: 1e-9, torch.float16: 4 * _EPS16,
+                      torch.bfloat16: 4 * _EPSBF16}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close the compressed model must come to the zeroed original."""
+
+    dtype: torch.dtype  # the least precise floating dtype the model computes in
+    rtol: float  # of the output's scale, in that dtype
+    recheck: float | None  # in float64 (None: no recheck, the model runs in float64)
+
+
+def check_rtol(rtol: Any) -> None:
+    """Refuse a tolerance that would switch verification off or mean nothing (NaN, inf, < 0)."""
+    if rtol is None:
+        return
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or \
+            not math.isfinite(float(rtol)) or float(rtol) < 0:
+        raise OptionError(f"rtol must be a finite real number >= 0 (the verification tolerance, "
+                          f"relative to the output's scale), or None for the dtype's default "
+                          f"({_defaults()}); got {rtol!r}")
+
+
+def _defaults() -> str:
+    return ", ".join(f"{str(d).replace('torch.', '')} {t:.3g}" for d, t in TOLERANCES.items())
+
+
+def tolerance_for(model: torch.nn.Module, args: tuple, kw: dict, rtol: float | None) -> Tolerance:
+    """The tolerance for ``model`` on these inputs: ``rtol``, or the default of the least
+    precise floating dtype among its parameters, buffers and inputs."""
+    tensors = list(model.parameters()) + list(model.buffers()) + \
+        [t for t in pytree.tree_leaves((args, kw)) if isinstance(t, torch.Tensor)]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()} or {torch.float32}
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    default = TOLERANCES.get(dtype, 8 * torch.finfo(dtype).eps)
+    return Tolerance(dtype, default if rtol is None else float(rtol),
+                     RECHECK_TOLERANCES.get(dtype, 4 * torch.finfo(dtype).eps)
+                     if dtype != torch.float64 else None)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How far one output is from another."""
+
+    max_abs_diff: float  # over the floating outputs
+    output_scale: float  # max |reference| over the floating outputs
+    exact_compared: int  # integer and boolean elements, compared for equality
+    exact_mismatches: int  # how many of them differ
+
+    @property
+    def rel_diff(self) -> float:
+        return self.max_abs_diff / max(self.output_scale, 1e-300)
+
+    def within(self, rtol: float) -> bool:
+        return self.exact_mismatches == 0 and \
+            self.max_abs_diff <= rtol * max(self.output_scale, 1e-12)
+
+
+def _leaves(out: Any) -> list:
+    return pytree.tree_leaves(out)
+
+
+def compare(reference: Any, got: Any) -> Comparison:
+    """Compare the outputs: floating ones by their largest difference, integer and boolean ones
+    element by element, anything else (Python numbers) for equality.
+
+    Raises
+    ------
+    VerificationError
+        The outputs differ in number, shape or dtype (the interface changed), or there is no
+        output with elements to compare.
+    """
+    ref, out = _leaves(reference), _leaves(got)
+    if len(ref) != len(out):
+        raise VerificationError(f"the compressed model returns {len(out)} outputs, the original "
+                                f"{len(ref)}; the model interface must not change")
+    diff = scale = 0.0
+    exact = mismatches = elements = 0
+    for k, (r, o) in enumerate(zip(ref, out)):
+        if not isinstance(r, torch.Tensor):
+            exact, mismatches = exact + 1, mismatches + int(r != o)
+            continue
+        if not isinstance(o, torch.Tensor) or o.shape != r.shape or o.dtype != r.dtype:
+            raise VerificationError(
+                f"output {k} of the compressed model is {_describe(o)}, the original's "
+                f"{_describe(r)}; the model interface must not change")
+        elements += r.numel()
+        if not r.numel():
+            continue
+        if r.is_floating_point() or r.is_complex():
+            diff = max(diff, float((r.double() - o.double()).abs().max()))
+            scale = max(scale, float(r.double().abs().max()))
+        else:
+            exact, mismatches = exact + r.numel(), mismatches + int((r != o).sum())
+    if not elements:
+        raise VerificationError("the model returns no tensor with elements on these inputs, so "
+                                "there is nothing to verify the compressed model on; give inputs "
+                                "it returns values for, or pass verify=False")
+    return Comparison(diff, scale, exact, mismatches)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {str(v.dtype).replace('torch.', '')} tensor of shape {list(v.shape)}"
+    return type(v).__name__
+
+
+def _non_finite(out: Any) -> str | None:
+    for k, r in enumerate(_leaves(out)):
+        if isinstance(r, torch.Tensor) and (r.is_floating_point() or r.is_complex()):
+            bad = int((~torch.isfinite(r)).sum())
+            if bad:
+                return f"output {k} has {bad} NaN or Inf value(s) of {r.numel()}"
+    return None
+
+
+@dataclass
+class Check:
+    """One set of inputs the compressed model is verified on, with the zeroed original's
+    output on them (computed before the rewrite)."""
+
+    name: str  # "example" or "other batch"
+    args: tuple
+    kw: dict
+    reference: Any
+    traced: bool  # the inputs the capture was traced on: the shape check's run is the output
+    note: str = ""
+
+
+def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tuple[tuple, dict],
+                     traced: tuple[tuple, dict], traced_output: Any, other_batch: bool
+                     ) -> list[Check]:
+    """The checks to run: the example, and with ``other_batch`` a random draw at another batch
+    size. ``traced_output`` is the zeroed original's output on the traced inputs, when it was
+    already computed (planning folds runs it).
+
+    Raises
+    ------
+    VerificationError
+        The zeroed original's output on the example is NaN or Inf, or the capture refuses a
+        batch size that the model itself accepts.
+    """
+    is_traced = _same_shapes(example, traced)
+    args, kw = traced if is_traced else example
+    reference = traced_output if is_traced else None
+    if reference is None:
+        reference = _run_zeroed(zeroed, args, kw, traced)
+    bad = _non_finite(reference)
+    if bad:
+        raise VerificationError(
+            f"verification cannot check a model whose output is NaN or Inf on these inputs: on "
+            f"{describe_inputs(args, kw)}, {bad} (in the model with the units zeroed). Give "
+            f"example inputs on which the model's output is finite, or pass verify=False.")
+    checks = [Check("example", args, kw, reference, is_traced)]
+    if other_batch:
+        checks.append(_other_batch_check(zeroed, model, example, _batch_of(*traced)))
+    return checks
+
+
+def _run_zeroed(zeroed: fx.GraphModule, args: tuple, kw: dict, traced: tuple[tuple, dict]) -> Any:
+    try:
+        with torch.no_grad():
+            return zeroed(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - re-raised with both input shapes
+        raise VerificationError(
+            f"the capture made at {describe_inputs(*traced)} does not run on the example inputs "
+            f"{describe_inputs(args, kw)}: {type(e).__name__}: {_first_line(e)}. Pass "
+            f"dynamic_batch=False (a result for the example's shapes only), and please report "
+            f"it.") from None
+
+
+def _same_shapes(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        (x.shape == y.shape) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        else x is y for x, y in zip(la, lb))
+
+
+def _batch_of(args: tuple, kw: dict) -> int | None:
+    for t in pytree.tree_leaves((args, kw)):
+        if isinstance(t, torch.Tensor) and t.dim():
+            return int(t.shape[0])
+    return None
+
+
+def _draw(args: tuple, kw: dict, batch: int, other: int, fresh: bool) -> tuple[tuple, dict]:
+    """The inputs at batch ``other``: rows of the example picked at random (the same rows for
+    every input, so ids and masks stay paired); with ``fresh``, floating inputs are new normal
+    draws with the example's mean and spread instead. Seeded: compress is deterministic."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, batch, (other,), generator=gen)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if not t.dim() or t.shape[0] != batch:
+            return t
+        picked = t.index_select(0, rows.to(t.device))
+        if not fresh or not t.is_floating_point() or t.numel() < 2:
+            return picked
+        std, mean = torch.std_mean(t.double())
+        if not float(std) > 0:
+            return picked
+        noise = torch.randn(picked.shape, generator=gen, dtype=torch.float64)
+        return (noise * std.cpu() + mean.cpu()).to(device=t.device, dtype=t.dtype)
+    return pytree.tree_map_only(torch.Tensor, one, (tuple(args), dict(kw)))
+
+
+def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
+                       example: tuple[tuple, dict], traced_batch: int | None) -> Check:
+    """A random draw at a batch size the result was neither traced nor called with: 2, or 3
+    when either of those is 2 (small, to keep the check cheap; never 0 or 1, which
+    torch.export specialises)."""
+    args, kw = example
+    batch = _batch_of(args, kw)
+    if batch is None:
+        return Check("other batch", args, kw, None, False, "the inputs have no batch dim")
+    other = 3 if 2 in (batch, traced_batch) else 2
+    last = "no draw"
+    for fresh in (True, False):  # fresh values; else rows of the example, which are finite
+        a, k = _draw(args, kw, batch, other, fresh)
+        try:
+            with torch.no_grad():
+                reference = zeroed(*a, **k)
+        except Exception as e:  # noqa: BLE001 - the capture's fault or the draw's: see below
+            return _refused_batch(model, a, k, batch, other, e)
+        last = _non_finite(reference)
+        if last is None:
+            return Check("other batch", a, k, reference, False)
+    return Check("other batch", a, k, None, False, f"not checked: on a draw at batch {other}, "
+                 f"{last}")
+
+
+def _refused_batch(model: torch.nn.Module, args: tuple, kw: dict, batch: int, other: int,
+                   error: Exception) -> Check:
+    """The capture refuses the other batch: if the model's own code runs on it, the capture
+    was specialised to a batch although the result claims any (an etp_fx bug); if not, the
+    draw is not an input of this model, and the batch cannot be checked."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the model's code fixes the inputs
+        return Check("other batch", args, kw, None, False,
+                     f"not checked: the model itself does not run at batch {other} "
+                     f"({type(e).__name__})")
+    raise VerificationError(
+        f"the compressed model should accept any batch size (dynamic_batch=True), but its "
+        f"capture refuses batch {other} at dim 0 of the inputs (the example has {batch}), "
+        f"which the model itself accepts: {type(error).__name__}: {_first_line(error)}. Either "
+        f"torch.export kept a guard on the batch size or etp_fx captured the model wrongly "
+        f"(please report it). dynamic_batch=False gives a result for batch {batch} only.")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _outputs(small: fx.GraphModule, c: Check, traced_got: Any) -> Any:
+    if c.traced:
+        return traced_got
+    try:
+        with torch.no_grad():
+            return small(*c.args, **c.kw)
+    except Exception as e:  # noqa: BLE001 - re-raised with the inputs
+        raise VerificationError(
+            f"the compressed model fails on {describe_inputs(c.args, c.kw)} ({c.name}), where "
+            f"the zeroed original runs: {type(e).__name__}: {_first_line(e)}. "
+            f"{_dim_hint(c)}Please report it.") from None
+
+
+def _dim_hint(c: Check) -> str:
+    if c.name != "other batch":
+        return ""
+    return ("Dim 0 (the batch) of the inputs is the one that changed from the example; "
+            "dynamic_batch=False gives a result for the example's batch only. ")
+
+
+def run_checks(checks: list[Check], small: fx.GraphModule, traced_got: Any, tol: Tolerance,
+               zeroed_original: Callable[[], fx.GraphModule]) -> list[dict]:
+    """Run the compressed model on every check's inputs and compare; one record per check
+    (what was checked, at which tolerance, the deviation, and the verdict ``passed``)."""
+    records = []
+    for c in checks:
+        rec = {"check": c.name, "inputs": describe_inputs(c.args, c.kw),
+               "batch": _batch_of(c.args, c.kw), "dtype": str(tol.dtype).replace("torch.", ""),
+               "tolerance": tol.rtol}
+        if c.reference is None:
+            records.append({**rec, "passed": None, "note": c.note})
+            continue
+        cmp = compare(c.reference, _outputs(small, c, traced_got))
+        rec.update(max_abs_diff=cmp.max_abs_diff, output_scale=cmp.output_scale,
+                   rel_diff=cmp.rel_diff, exact_elements=cmp.exact_compared,
+                   exact_mismatches=cmp.exact_mismatches, passed=cmp.within(tol.rtol))
+        if not rec["passed"] and tol.recheck is not None:
+            cmp64 = _in_float64(zeroed_original(), small, c.args, c.kw)
+            rec["float64_rel_diff"] = None if cmp64 is None else cmp64.rel_diff
+            rec["float64_tolerance"] = tol.recheck
+            rec["passed"] = cmp64 is not None and cmp64.within(tol.recheck)
+        records.append(rec)
+    return records
+
+
+def _in_float64(zeroed: fx.GraphModule, small: fx.GraphModule, args: tuple,
+                kw: dict) -> Comparison | None:
+    """Both models and the inputs in float64, or None when a model does not run in float64 (a
+    cast to float32 inside, say)."""
+    def to64(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+    try:
+        small64 = copy.deepcopy(small).double()
+        args64, kw64 = pytree.tree_map_only(torch.Tensor, to64, (args, kw))
+        with torch.no_grad():
+            return compare(zeroed.double()(*args64, **kw64), small64(*args64, **kw64))
+    except Exception:  # noqa: BLE001 - no float64 answer: the first verdict stands
+        return None
+
+
+def deviation_message(rec: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
+    """Why a check failed; "an etp_fx bug" only where rounding is ruled out (the float64
+    recheck confirms the difference, or the model runs in float64)."""
+    groups = f"{sorted(plan)[:5]}{'...' if len(plan) > 5 else ''}"
+    what = (f"{rec['exact_mismatches']} integer/boolean output element(s) and a floating "
+            f"deviation of {rec['max_abs_diff']:.3g}" if rec["exact_mismatches"] else
+            f"{rec['max_abs_diff']:.3g} (output scale {rec['output_scale']:.3g}, tolerance "
+            f"{rec['tolerance']:.3g} of it in {rec['dtype']})")
+    head = (f"the compressed model differs from the zeroed original by {what} on "
+            f"{rec['inputs']} ({rec['check']}) after removing units of {groups}.")
+    if rec["dtype"] == "float64" or rec.get("float64_rel_diff") is not None:
+        extra = (f" In float64 too ({rec['float64_rel_diff']:.3g} of the output's scale, "
+                 f"tolerance {rec['float64_tolerance']:.3g})." if "float64_tolerance" in rec
+                 else "")
+        return head + extra + " This is an etp_fx bug: please report it."
+    return head + (f" The float64 recheck could not run (the model does not run in float64), "
+                   f"so rounding in {rec['dtype']} is not ruled out: if you expect that much "
+                   f"rounding, pass a larger rtol; otherwise please report it.")
+
+
+def culprits(plan: Mapping[str, Any], fails_alone: Callable[[str], bool], limit: int = 32) -> str:
+    """Remove each group's units alone to name the groups that break verification."""
+    bad = []
+    for gid in list(plan)[:limit]:
+        try:
+            if fails_alone(gid):
+                bad.append(gid)
+        except VerificationError:
+            bad.append(gid)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            bad.append(f"{gid} ({type(e).__name__}: {e})")
+    if not bad:
+        return "Each group alone verifies; the failure comes from removing them together."
+    return "Groups that fail alone: " + ", ".join(bad)
