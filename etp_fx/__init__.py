@@ -5,7 +5,7 @@ The package follows the pipeline, each stage importing only the ones before it:
 baselines). ``docs/design.md`` has the map.
 """
 from .errors import (DistanceError, Error, FoldError, InputError, LoadError, ModelError,
-                     ModelMismatchError, ModuleOutputError, PlanError, RegulariserError, SaveError,
+                     ModelMismatchError, ModuleOutputError, OptionError, PlanError, RegulariserError, SaveError,
                      SelectionError, TraceError, VerificationError)
 from .graph import ChannelGroup, DependencyGraph, Member, distance, graph_to_dict, rule, \
     rules, summary_table, trace
@@ -37,5 +37,5 @@ __all__ = [
     # errors: every one derives from etp_fx.Error
     "Error", "InputError", "TraceError", "PlanError", "SelectionError", "RegulariserError",
     "DistanceError", "FoldError", "VerificationError", "LoadError", "SaveError",
-    "ModelMismatchError", "ModelError", "ModuleOutputError",
+    "ModelMismatchError", "ModelError", "ModuleOutputError", "OptionError",
 ]

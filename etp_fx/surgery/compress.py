@@ -7,6 +7,7 @@ verify (:mod:`.verify`) -> report. Each compression attempt is one :class:`Job`.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import check_model_and_inputs, describe_inputs, normalize_inputs
-from ..errors import (FoldError, ModelError, PlanError, RewriteError, TraceError,
+from ..capture import check_deterministic, check_model_and_inputs, describe_inputs, \
+    normalize_inputs
+from ..errors import (FoldError, ModelError, OptionError, PlanError, RewriteError, TraceError,
                       VerificationError)
 from ..graph.depgraph import DependencyGraph
 from ..graph.plan import kept_units
@@ -26,6 +28,7 @@ from ..graph.trace import trace_args
 from ..regularise.selection import Plan, Selection, selection_from
 from .captures import batch_dynamic, batch_of_two, capture_for, fits
 from .fold import apply_folds, plan_folds
+from .module_output import compress_module
 from .rewrite import check_shapes, rewrite_module
 from .verify import (Tolerance, check_rtol, culprits, deviation_message, reference_checks,
                      run_checks, tolerance_for)
@@ -52,10 +55,10 @@ class Job:
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection | None = None,
-             *, graph: DependencyGraph | None = None, verify: bool = True,
-             rtol: float | None = None, keep_constants: bool | None = None,
-             allow_approximate: bool = False, dynamic_batch: bool = True,
-             **select_forms: Any) -> fx.GraphModule:
+             *, graph: DependencyGraph | None = None, verify: bool | float = True,
+             keep_constants: bool | None = None, allow_approximate: bool = False,
+             dynamic_batch: bool = True, output: str = "graph",
+             **select_forms: Any) -> fx.GraphModule | torch.nn.Module:
     """Remove units and return a dense, smaller ``torch.fx.GraphModule`` that computes what
     ``zero_units(copy(model), graph, plan)`` computes (the *zeroed original*).
 
@@ -72,12 +75,12 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     graph : DependencyGraph, optional
         A graph traced from this model; its capture is reused where it fits, else the model is
         captured again (once per graph). Weights are read from ``model`` as it is now.
-    verify : bool
+    verify : bool or float
         Check the result against the zeroed original on the example and (batch-dynamic
-        results) a random draw at another batch size; see ``docs/verification.md``.
-    rtol : float, optional
-        Tolerance relative to the output's scale; default by dtype: float64 1e-10, float32
-        1e-5, float16 and bfloat16 8 eps. A difference beyond it is rechecked in float64.
+        results) a random draw at another batch size; see ``docs/verification.md``. ``True``
+        uses the dtype's tolerance relative to the output's scale (float64 1e-10, float32
+        1e-5, float16 and bfloat16 8 eps); a number is that tolerance instead; ``False`` skips
+        the check. A difference beyond the tolerance is rechecked in float64.
     keep_constants : bool, optional
         Keep removed units' biases and norm shifts, folding their constants into consumers.
         Default: False for a Plan, True for the norm-based selections.
@@ -85,11 +88,17 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
         Allow removing units of approximate groups; their deviation is reported, not raised.
     dynamic_batch : bool
         Accept any batch size where the model's code allows (checked at another batch).
+    output : {"graph", "module"}
+        ``"graph"``: a dense ``torch.fx.GraphModule``. ``"module"``: a deep copy of ``model``
+        in its own class with smaller tensors and updated size attributes (a Hugging Face
+        model keeps ``generate()``, ``config`` and ``save_pretrained``; see ``docs/llm.md``
+        and :func:`etp_fx.compress_module`).
 
     Returns
     -------
-    torch.fx.GraphModule
-        ``meta["etp_report"]``: params, MACs (at ``macs_counted_at``), groups, folds, ``verified``.
+    torch.fx.GraphModule or nn.Module
+        The graph's ``meta["etp_report"]`` (the module's ``etp_report``): params, MACs (at
+        ``macs_counted_at``), groups, folds, ``verified``.
 
     Examples
     --------
@@ -99,6 +108,14 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     >>> small.meta["etp_report"]["params_after"] < small.meta["etp_report"]["params_before"]
     True
     """
+    verify, rtol = _verify_option(verify)
+    if output == "module":
+        return compress_module(model, example_inputs, selection, graph=graph, verify=verify,
+                               rtol=rtol, keep_constants=keep_constants,
+                               allow_approximate=allow_approximate, **select_forms)
+    if output != "graph":
+        raise OptionError(f"output must be 'graph' (a dense GraphModule) or 'module' (your "
+                          f"model's own class); got {output!r}")
     selection = selection_from(selection, **select_forms)
     args, kw, graph = _prepared(model, example_inputs, graph, rtol)
     plan = _select(selection, graph, model, allow_approximate)                     # select
@@ -111,6 +128,14 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     if failed and not _approximate(graph, plan):
         raise _refusal(job, failed)
     return small
+
+
+def _verify_option(verify: Any) -> tuple[bool, float | None]:
+    """``verify=True``/``False``, or a number: the tolerance (checked: finite, >= 0)."""
+    if isinstance(verify, bool):
+        return verify, None
+    check_rtol(math.nan if verify is None else verify)
+    return True, float(verify)
 
 
 def _prepared(model: torch.nn.Module, example_inputs: Any, graph: DependencyGraph | None,
@@ -220,6 +245,9 @@ def _refusal(job: Job, failed: list[dict]) -> Exception:
     """The error for a result that does not verify: a FoldError when the units' kept constants
     are to blame (zeroed whole, they verify), else a VerificationError naming the groups."""
     message = deviation_message(failed[0], job.plan)
+    # a forward that draws random numbers or keeps state cannot be verified: say so instead
+    # of blaming etp_fx (two eager runs, only on this failure path)
+    check_deterministic(job.model, *job.example)
     if job.keep_constants and _verifies(dataclasses.replace(job, keep_constants=False)):
         return FoldError(
             f"the removed units carry constants (kept biases or norm shifts) into ops etp_fx "

@@ -57,9 +57,9 @@ def check_rtol(rtol: Any) -> None:
         return
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or \
             not math.isfinite(float(rtol)) or float(rtol) < 0:
-        raise OptionError(f"rtol must be a finite real number >= 0 (the verification tolerance, "
-                          f"relative to the output's scale), or None for the dtype's default "
-                          f"({_defaults()}); got {rtol!r}")
+        raise OptionError(f"verify must be True, False, or a tolerance: a finite real number "
+                          f">= 0, relative to the output's scale (True uses the dtype's: "
+                          f"{_defaults()}); got {rtol!r}")
 
 
 def _defaults() -> str:
