@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import RegulariserError
 from .graph.trace import trace
 from .regularise import select
 from .regularise.clipping import clip_small_weights
@@ -174,18 +175,30 @@ class ETPMethod(PruningMethod):
     official clipping (optional); ``step`` selects units (default: exactly-zero ones, or a
     MACs budget) and removes them with ``etp_fx.compress`` (exact: ETP's zero units carry
     no information, so no fine-tuning is needed; the compressed graph keeps BatchNorm on
-    running statistics)."""
+    running statistics).
+
+    With ``target_macs`` and ``steps`` (the number of ``penalty`` calls before ``step``) and
+    no ``strength``, the target drives the strength (see ``docs/etp.md``); ``strength=``
+    fixes it (the target then only chooses what ``step`` removes). Without a target the
+    strength defaults to ``1e-3``."""
 
     name = "etp"
 
-    def __init__(self, model: nn.Module, example_inputs: Any, *, strength: float = 1e-3,
+    def __init__(self, model: nn.Module, example_inputs: Any, *, strength: float | None = None,
                  clip: float | None = 5e-4, threshold: float | None = 0.0,
-                 target_macs: float | None = None, graph=None, regulariser: Callable | None = None,
-                 **reg_kw) -> None:
+                 target_macs: float | None = None, steps: int | None = None, graph=None,
+                 regulariser: Callable | None = None, **reg_kw) -> None:
         super().__init__(model, example_inputs)
         self.graph = graph if graph is not None else trace(model, example_inputs)
         cls = regulariser or ExponentialTorque
-        self.reg = cls(self.graph, strength=strength, **reg_kw)
+        if strength is None and target_macs is not None:
+            self.reg = cls(self.graph, target_macs=target_macs, steps=steps, **reg_kw)
+        else:
+            if steps is not None:
+                raise RegulariserError("steps= goes with a target-driven strength: give "
+                                       "target_macs= and no strength=")
+            self.reg = cls(self.graph, strength=1e-3 if strength is None else strength,
+                           **reg_kw)
         self.clip, self.threshold, self.target_macs = clip, threshold, target_macs
         self.plan: dict[str, list[int]] | None = None
 

@@ -1,5 +1,9 @@
 """``etp-fx demo``: train a small CNN on scikit-learn's bundled digits with ETP, compress it,
-and show what changed. Everything runs offline in about a minute on 2 CPUs."""
+and show what changed. Everything runs offline in about a minute on 2 CPUs.
+
+By default the MACs target (a quarter of the dense model's) drives the ETP strength over the
+training steps, and ``compress`` removes the units that target names: nothing to tune.
+``DemoConfig(strength=...)`` (``--strength``) fixes the strength instead, the expert way."""
 from __future__ import annotations
 
 import json
@@ -24,12 +28,19 @@ from .surgery.compress import compress
 __all__ = ["DemoConfig", "digits", "SmallVGG", "train", "evaluate", "latency_ms", "run_demo"]
 
 
+DEFAULT_TARGET_MACS = 0.25
+
+
 @dataclass
 class DemoConfig:
+    """What the demo trains and how. ``strength=None`` (default): the MACs target
+    (``target_macs``, default 0.25) drives the strength; a number fixes it, and the model is
+    then compressed by ``threshold`` (relative) unless ``target_macs`` is given."""
+
     epochs: int = 20
-    strength: float = 2.0
-    threshold: float = 0.02  # relative to the group's largest unit norm
-    target_macs: float | None = None  # if given, keep this share of MACs instead
+    strength: float | None = None
+    threshold: float = 0.02  # relative to the group's largest unit norm (fixed strength only)
+    target_macs: float | None = None  # share of MACs to keep (default 0.25 when target-driven)
     out: str = "etp-demo-out"
     seed: int = 0
     batch_size: int = 64
@@ -104,7 +115,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, re
         for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            penalty = reg(model) if reg is not None else torch.zeros(())
+            penalty = reg(model, loss=loss) if reg is not None else torch.zeros(())
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()
             opt.step()
@@ -118,6 +129,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, re
         post = {"loss": f"{loss.item():.3f}", "penalty": f"{float(penalty.detach()):.3g}"}
         if reg is not None and hasattr(reg, "near_zero"):
             post["near-zero units"] = reg.near_zero(model)
+        if getattr(reg, "left", None) is not None:  # the target drives the strength
+            post["strength"], post["mass left"] = f"{reg.strength:.3g}", f"{reg.left:.1%}"
         bar.set_postfix(post)
     model.eval()
     return model
@@ -156,17 +169,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     graph = trace(model, example)
     log(f"traced SmallVGG: {len(graph.groups)} groups of coupled channels, "
         f"{sum(g.size for g in graph.groups)} units")
-    reg = ExponentialTorque(graph, strength=cfg.strength)
+    reg, how = _regulariser(cfg, graph, -(-len(ytr) // cfg.batch_size) * cfg.epochs)
     history = NormHistory(reg)
     t0 = time.time()
     train(model, xtr, ytr, epochs=cfg.epochs, reg=reg, lr=cfg.lr, batch_size=cfg.batch_size,
           seed=cfg.seed, history=history)
-    log(f"trained {cfg.epochs} epochs with ETP (strength {cfg.strength}) in {time.time() - t0:.0f} s")
-    if cfg.target_macs is not None:
-        small = compress(model, example, target_macs=cfg.target_macs, graph=graph)
-    else:
-        small = compress(model, example, threshold=cfg.threshold, graph=graph,
-                                relative=True)
+    log(f"trained {cfg.epochs} epochs with ETP ({_strength_line(reg)}) in "
+        f"{time.time() - t0:.0f} s")
+    small = compress(model, example, graph=graph, **how)
     rep = small.meta["etp_report"]
     acc0, acc1 = evaluate(model, xte, yte), evaluate(small, xte, yte)
     # batch 1 shows per-call overhead (a Python call per op either way); a full test batch
@@ -196,13 +206,35 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                "latency_ms_compressed": lat1, "batch_latency_ms_dense": latb0,
                "batch_latency_ms_compressed": latb1, "latency_batch": len(batch), **{k: v for k, v in rep.items() if k != "groups"},
                "groups": {k: {kk: vv for kk, vv in v.items() if kk != "removed"}
-                          for k, v in rep["groups"].items()}}
+                          for k, v in rep["groups"].items()},
+               "selection": how, "strength_final": reg.strength, "mass_left": reg.left}
     reloaded = _reload_in_fresh_process(out)
     log(f"reloaded {out / 'model.pt2'} in a fresh process: test accuracy {reloaded:.2f}%")
     summary["accuracy_reloaded"] = reloaded
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     log(f"wrote {out}/: model.pt2, norms.png, groups.svg, groups.html, report.json")
     return summary
+
+
+def _regulariser(cfg: DemoConfig, graph, steps: int) -> tuple[ExponentialTorque, dict]:
+    """The regulariser and the matching ``compress`` selection: target-driven unless
+    ``cfg.strength`` fixes the strength."""
+    if cfg.strength is None:
+        target = {"target_macs": cfg.target_macs or DEFAULT_TARGET_MACS}
+        return ExponentialTorque(graph, steps=steps, **target), target
+    reg = ExponentialTorque(graph, strength=cfg.strength)
+    if cfg.target_macs is not None:
+        return reg, {"target_macs": cfg.target_macs}
+    return reg, {"threshold": cfg.threshold, "relative": True}
+
+
+def _strength_line(reg: ExponentialTorque) -> str:
+    if reg.controller is None:
+        return f"strength {reg.strength:g}"
+    last = reg.controller.last
+    return (f"strength driven by the target {reg.target.share:.0%} of the MACs: ended at "
+            f"{last.strength:.3g}, peak {max(h.strength for h in reg.controller.history):.3g},"
+            f" {last.left:.2%} of the unit-norm mass left in the units it removes")
 
 
 def _reload_in_fresh_process(out: Path) -> float:

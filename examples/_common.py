@@ -36,7 +36,8 @@ def parser(description: str, *, data_help: str, epochs: int, lr: float, batch_si
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--strength", type=float, default=strength,
-                   help="ETP strength (with the default normalisation: an L1 decay rate)")
+                   help="a fixed ETP strength (an L1 decay rate), for experts; by default the "
+                        "target (--target-macs / --target-params) drives the strength")
     p.add_argument("--target-macs", type=float, default=target_macs,
                    help="share of the dense model's MACs to keep, in (0, 1]")
     p.add_argument("--target-params", type=float, default=target_params,
@@ -106,8 +107,10 @@ def group_changes(rep: dict, limit: int = 12) -> str:
 
 def log_epoch(epoch: int, label: str, task: Any, reg: Any, model: Any, extra: str = "") -> None:
     """One line per epoch: the task loss, the penalty and how many units are already near zero."""
+    left = f"mass left {reg.left:.1%}, strength {reg.strength:.3g}, " if reg.left is not None \
+        else ""
     print(f"epoch {epoch}: {label} {task.item():.4f}, penalty {float(reg.last_value):.3g}, "
-          f"{extra}near-zero units {reg.near_zero(model)}/{reg.norms.n_units}")
+          f"{extra}{left}near-zero units {reg.near_zero(model)}/{reg.norms.n_units}")
 
 
 def target(args: argparse.Namespace, default: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -118,6 +121,28 @@ def target(args: argparse.Namespace, default: dict[str, Any] | None = None) -> d
     if default is not None and args.target_macs is None:
         return default
     return {"target_macs": args.target_macs}
+
+
+def regulariser(args: argparse.Namespace, graph: Any, steps: int | None,
+                default: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """The ETP regulariser: target-driven (the target of :func:`target` and the number of
+    training ``steps``: no strength to tune) unless ``--strength`` fixes the strength.
+    ``steps`` may be None when a Hugging Face ``ETPCallback`` hands it over at the start."""
+    import etp_fx
+
+    if args.strength is not None:
+        return etp_fx.ExponentialTorque(graph, strength=args.strength, **kw)
+    return etp_fx.ExponentialTorque(graph, steps=steps, **target(args, default), **kw)
+
+
+def describe(reg: Any) -> str:
+    """How the strength is set, for the log: fixed, or the target driving it."""
+    if reg.controller is None:
+        return f"fixed strength {reg.strength:g}"
+    last = reg.controller.last
+    state = "" if last is None else (f"; now {last.strength:.3g}, {last.left:.1%} of the "
+                                     f"unit-norm mass left in the units it removes")
+    return f"strength driven by {reg.target!r}{state}"
 
 
 def publish(args: argparse.Namespace, name: str, small: Any, metrics: list[tuple[str, float, float]],

@@ -114,7 +114,7 @@ def accuracy(model, enc: dict[str, torch.Tensor], labels: list[int], batch_size:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, data_help="folder with the GLUE SST-2 train.tsv and dev.tsv",
-                 epochs=3, lr=2e-5, batch_size=32, strength=1.0, target_macs=0.25)
+                 epochs=3, lr=2e-5, batch_size=32, strength=None, target_macs=0.25)
     p.add_argument("--model", help="local folder of a BERT checkpoint and its tokenizer")
     p.add_argument("--max-len", type=int, default=64, help="tokens per sentence (padded)")
     args = C.finish_args(p.parse_args(argv), "bert_sst2")
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     example = {k: v[:1] for k, v in dev_enc.items()}
     with C.timed("trace", times):
         graph = etp_fx.trace(model.eval(), example)
-    reg = etp_fx.ExponentialTorque(graph, strength=args.strength)
+    # the MACs target drives the strength; ETPCallback hands it the Trainer's step count
+    reg = C.regulariser(args, graph, None)
     kinds = sorted({g.unit_kind for g in reg.unit_sets})
     print(f"traced {type(model).__name__}: {len(graph.groups)} groups; penalising "
           f"{len(reg.unit_sets)} exact groups ({', '.join(kinds)}), "
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         h = logged[-1]
         print(f"step {h['step']}: loss {h['loss']:.4g} (with the penalty), "
               f"etp_penalty {h['etp_penalty']:.4g}, etp_zero_units {h['etp_zero_units']}")
+    print(C.describe(reg))
 
     # 3. compress: the weakest heads, head-dims and MLP neurons, down to the MACs budget
     model = trainer.model.cpu().eval()

@@ -116,7 +116,7 @@ def micro_f1(model, x, edge_index, y) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, data_help="PPI root folder (torch_geometric.datasets.PPI)",
-                 epochs=100, lr=0.005, batch_size=2, strength=0.5, target_macs=0.25)
+                 epochs=100, lr=0.005, batch_size=2, strength=None, target_macs=0.25)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     args = C.finish_args(p.parse_args(argv), "gat_ppi")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = train_set[0].to(device)
     with C.timed("trace", times):
         graph = etp_fx.trace(model, (first.x, first.edge_index))
-    reg = etp_fx.ExponentialTorque(graph, strength=args.strength)
+    reg = C.regulariser(args, graph, args.epochs * len(loader))  # the target drives it
     for g in graph.groups:
         print(f"  group {g.id}: {g.size} {g.unit_kind}s, {'exact' if g.exact else 'approximate'}")
 
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 loss.backward()
                 opt.step()
             C.log_epoch(epoch, "task loss", task, reg, model)
+    print(C.describe(reg))
 
     # 3. compress, with the test graph as the example input (its edge count is baked in)
     model.eval()

@@ -259,7 +259,7 @@ def mse_mae(model, loader, device) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, data_help="the ETTh1.csv file", epochs=6, lr=1e-4, batch_size=32,
-                 strength=0.5, target_macs=0.25)
+                 strength=None, target_macs=0.25)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d-ff", type=int, default=2048)
@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     example = tuple(t[:1].to(device) for t in next(iter(test))[:4])
     with C.timed("trace", times):
         graph = etp_fx.trace(model, example)
-    reg = etp_fx.ExponentialTorque(graph, strength=args.strength)
+    steps = args.epochs * min(len(train), args.max_steps or len(train))
+    reg = C.regulariser(args, graph, steps)  # the MACs target drives the strength
     print(f"traced: {len(graph.groups)} groups ({len(reg.unit_sets)} exact, penalised), "
           f"barriers: {graph.barriers or 'none'}")
 
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.max_steps and step + 1 >= args.max_steps:
                     break
             C.log_epoch(epoch, "task MSE", task, reg, model)
+    print(C.describe(reg))
 
     # 3. compress
     model.eval()

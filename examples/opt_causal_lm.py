@@ -78,7 +78,7 @@ def perplexity(model, data: torch.Tensor, batch_size: int, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, data_help="a plain text file", epochs=1, lr=3e-4, batch_size=16,
-                 strength=0.5)
+                 strength=None)
     p.add_argument("--model", help="local OPT checkpoint folder (with its tokenizer)")
     p.add_argument("--block", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--ratio", type=float, default=0.5,
@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     example = {"input_ids": held[:1].to(device)}
     with C.timed("trace", times):
         graph = etp_fx.trace(model.eval(), example)
-    reg = etp_fx.ExponentialTorque(graph, strength=args.strength, include=PRUNED_KINDS)
+    n_batches = -(-len(train) // args.batch_size)
+    steps = args.epochs * min(n_batches, args.max_steps or n_batches)
+    # the target (half of the heads and neurons) drives the strength over those steps
+    reg = C.regulariser(args, graph, steps, default={"ratio": args.ratio},
+                        include=PRUNED_KINDS)
     print(f"traced OPT: {len(graph.groups)} groups; penalising {len(reg.unit_sets)} "
           f"({', '.join(PRUNED_KINDS)}): {reg.norms.n_units} units")
 
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.max_steps and step + 1 >= args.max_steps:
                     break
             C.log_epoch(epoch, "LM loss", task, reg, model)
+    print(C.describe(reg))
 
     # 3. compress: half of the heads and half of the MLP neurons of every layer
     model.eval()

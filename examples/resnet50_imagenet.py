@@ -91,7 +91,7 @@ def accuracy(model, loader, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, data_help="ImageFolder root with train/ and val/", epochs=90,
-                 lr=0.1, batch_size=256, strength=1.0, target_macs=0.5)
+                 lr=0.1, batch_size=256, strength=None, target_macs=0.5)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--layers", default="3,4,6,3", help="bottleneck blocks per stage")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many")
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     example = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     with C.timed("trace", times):
         graph = etp_fx.trace(model, example)
-    reg = etp_fx.ExponentialTorque(graph, strength=args.strength)
+    # the MACs target drives the strength over the run's steps (--strength fixes it instead)
+    steps = args.epochs * min(len(train_loader), args.max_steps or len(train_loader))
+    reg = C.regulariser(args, graph, steps)
     history = etp_fx.NormHistory(reg)
     print(f"traced ResNet{layers}: {len(graph.groups)} groups, "
           f"{sum(g.size for g in graph.groups):,} units, barriers: {graph.barriers or 'none'}")
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             sched.step()
             history.record(model, epoch)
             C.log_epoch(epoch, "task loss", task, reg, model)
+    print(C.describe(reg))
 
     # 3. compress to the MACs budget (units ranked by norm per MAC saved)
     model.eval()

@@ -437,3 +437,67 @@ def test_tied_weights_are_penalised_once_under_their_listed_name():
         assert m.emb.weight.grad is not None
     paper = ExponentialTorque(g, preset="paper")
     assert [s.id for s in paper.unit_sets] == ["mid.weight", "emb.weight"]  # head = emb
+
+
+# --- one norm kernel ---------------------------------------------------------------------------
+
+def test_every_consumer_reads_norms_through_the_one_kernel(mlp_graph):
+    """The penalty's initial norms, reg.unit_norms, near_zero, NormHistory and the selections'
+    unit_norms are one computation (UnitNorms.read): same values, and they move together."""
+    from etp_fx.regularise.norms import UnitNorms, unit_norms
+    _, g = mlp_graph
+    m = MLP()
+    reg = ExponentialTorque(g, strength=1.0, model=m)
+    hist = etp_fx.NormHistory(reg)
+    hist.record(m)
+    calls = []
+    read = UnitNorms.read
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return read(self, *a, **kw)
+    UnitNorms.read = counting
+    try:
+        ours = {k: v.double().numpy() for k, v in reg.unit_norms(m, "l2").items()}
+        sel = unit_norms(g, m, norm="l2")
+        reg.near_zero(m)
+        hist.record(m)
+    finally:
+        UnitNorms.read = read
+    assert len(calls) == 4
+    for gid in ours:
+        np.testing.assert_allclose(ours[gid], sel[gid], rtol=1e-6)
+        np.testing.assert_allclose(hist.array(gid)[-1], sel[gid], rtol=1e-6)
+
+
+def test_the_dead_kind_attribute_is_gone():
+    assert not hasattr(ExponentialTorque, "kind") and not hasattr(Torque, "kind")
+
+
+def test_compiled_penalty_follows_the_target_driven_strength(monkeypatch):
+    """reg.step(model) outside the compiled function moves the strength; the compiled penalty
+    reads it from a tensor changed in place, so new values need no new graph."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/etp_fx_inductor_cache")
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    reg = ExponentialTorque(etp_fx.trace(m, x), target_macs=0.5, steps=20,
+                            control={"interval": 1, "warmup": 0.0})
+    reg.value(m)  # the coefficient tensors exist before tracing
+
+    def loss_fn(x, y):
+        return nn.functional.cross_entropy(m(x), y) + reg(m)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    seen = []
+    for _ in range(4):
+        reg.step(m)
+        out = compiled(x, y).item()
+        assert out == pytest.approx((nn.functional.cross_entropy(m(x), y) +
+                                     reg.value(m)).item(), rel=1e-5)
+        seen.append(reg.strength)
+    assert len(set(seen)) == 4 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -162,3 +162,73 @@ def test_baselines_share_one_loop(name, batch):
 def test_unknown_baseline():
     with pytest.raises(ValueError, match="unknown method 'obd'"):
         baselines.make("obd", cnn(), torch.randn(1, 3, 8, 8))
+
+
+# --- the target drives the strength: what the helpers show ------------------------------------
+
+def test_progress_shows_the_controlled_strength_and_the_mass_left(batch):
+    torch.manual_seed(0)
+    m = cnn()
+    x, y = batch
+    reg = ExponentialTorque(etp_fx.trace(m, x[:1]), target_macs=0.5)  # steps from the bar
+    out = io.StringIO()
+    bar = progress([(x, y)] * 4, reg, m, every=2, steps=4, file=out)
+    assert reg.controller.steps == 4
+    for xb, yb in bar:
+        (nn.functional.cross_entropy(m(xb), yb) + reg(m)).backward()
+    bar.close()
+    assert float(bar.postfix["strength"]) == pytest.approx(reg.strength, rel=1e-2)
+    assert bar.postfix["left"] == f"{reg.left:.2%}"
+    assert "strength=" in out.getvalue() and "left=" in out.getvalue()
+    with pytest.raises(etp_fx.RegulariserError, match="built for steps=4"):
+        progress([], reg, m, steps=5)
+    fixed = ExponentialTorque(reg.graph, strength=0.1)  # a fixed strength, measured against
+    bar = progress([(x, y)], fixed, m, target_macs=0.5, file=io.StringIO())
+    list(bar)
+    assert bar.postfix["strength"] == "0.1" and bar.postfix["left"].endswith("%")
+
+
+class _Args:
+    gradient_accumulation_steps = 2
+
+
+class _State:
+    max_steps, global_step, log_history = 5, 1, []
+
+
+def test_callback_hands_the_steps_and_logs_the_target(batch):
+    torch.manual_seed(0)
+    m = cnn()
+    x, y = batch
+    reg = ExponentialTorque(etp_fx.trace(m, x[:1]), target_macs=0.5)
+    cb = ETPCallback(reg)
+    cb.on_train_begin(_Args(), _State(), None)
+    assert reg.controller.steps == 10  # max_steps x gradient accumulation: calls, not steps
+    reg(m)
+    logs = {"loss": 1.25}
+    cb.on_log(_Args(), _State(), None, logs=logs, model=m)
+    assert logs["etp_strength"] == reg.strength and logs["etp_left"] == reg.left
+    assert reg.controller._loss.mean == 1.25  # the task loss reaches the controller
+    fixed = ExponentialTorque(reg.graph, strength=0.1)
+    fixed(m)
+    logs = {"loss": 1.0}
+    ETPCallback(fixed, target_macs=0.5).on_log(_Args(), _State(), None, logs=logs, model=m)
+    assert logs["etp_strength"] == 0.1 and 0 < logs["etp_left"] < 1
+
+
+def test_etp_baseline_with_a_target_needs_no_strength(batch):
+    torch.manual_seed(0)
+    m = cnn()
+    x, y = batch
+    method = baselines.make("etp", m, x[:1], target_macs=0.5, steps=3)
+    assert method.reg.controller is not None and method.reg.strength == 0.01
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(m(x), y) + method.penalty(m)).backward()
+        opt.step()
+    small = method.step()
+    rep = small.meta["etp_report"]
+    assert rep["macs_after"] <= 0.5 * rep["macs_before"]
+    with pytest.raises(etp_fx.RegulariserError, match="steps= goes with a target-driven"):
+        baselines.make("etp", m, x[:1], strength=1.0, steps=3)

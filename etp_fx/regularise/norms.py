@@ -15,6 +15,19 @@ from .units import UnitSet, unit_sets_from_graph, unwrap
 __all__ = ["UnitNorms", "norm_order", "unit_norms"]
 
 
+def _unit_dims(unit_sets: Sequence[UnitSet], shapes: Mapping[str, tuple[int, ...]]
+               ) -> dict[str, set[int]]:
+    """``{parameter name: the dims holding units}``, parameters in first-seen order."""
+    dims: dict[str, set[int]] = {}
+    for s in unit_sets:
+        for name, d, _ in s.slices:
+            if name not in shapes:
+                raise RegulariserError(f"parameter {name!r} of group {s.id} is not a parameter "
+                                       f"of the traced model")
+            dims.setdefault(name, set()).add(d)
+    return dims
+
+
 class UnitNorms:
     """Per-unit norms of many unit sets in a few tensor ops.
 
@@ -25,24 +38,22 @@ class UnitNorms:
 
     def __init__(self, unit_sets: Sequence[UnitSet], shapes: Mapping[str, tuple[int, ...]]):
         self.unit_sets = list(unit_sets)
-        names: list[str] = []
-        dims: dict[str, set[int]] = {}
-        for s in self.unit_sets:
-            for name, d, _ in s.slices:
-                if name not in shapes:
-                    raise RegulariserError(f"parameter {name!r} of group {s.id} is not a "
-                                           f"parameter of the traced model")
-                if name not in dims:
-                    names.append(name)
-                    dims[name] = set()
-                dims[name].add(d)
-        self.names = names
-        self.shapes = [tuple(shapes[n]) for n in names]
-        # per parameter: (unit dims, other dims, slot offsets, broadcast shapes of unit dims)
+        dims = _unit_dims(self.unit_sets, shapes)
+        self.names = list(dims)
+        self.shapes = [tuple(shapes[n]) for n in self.names]
+        slot_offset = self._layout_slots(dims)
+        self._index_units(slot_offset)
+        self._dev: torch.device | None = None
+        self._t: dict[str, torch.Tensor] = {}
+
+    def _layout_slots(self, dims: Mapping[str, set[int]]) -> dict[tuple[str, int], int]:
+        """Place every (parameter, unit dim) in the slot vector; fills :attr:`specs` (per
+        parameter: unit dims, other dims, slot offsets, broadcast shapes of the unit dims) and
+        :attr:`length`; returns each slot's offset."""
         self.specs: list[tuple[tuple[int, ...], tuple[int, ...], list[int], list[tuple]]] = []
         slot_offset: dict[tuple[str, int], int] = {}
         off = 0
-        for name, shape in zip(names, self.shapes):
+        for name, shape in zip(self.names, self.shapes):
             nd = len(shape)
             ud = tuple(sorted(dims[name]))
             other = tuple(i for i in range(nd) if i not in dims[name])
@@ -54,11 +65,11 @@ class UnitNorms:
                 off += shape[d]
             self.specs.append((ud, other, offs, bshapes))
         self.length = off
-        per_index = np.zeros(off)  # weights behind each slot position
-        for name, shape, (ud, _, offs, _) in zip(names, self.shapes, self.specs):
-            numel = int(np.prod(shape)) if shape else 1
-            for d, o in zip(ud, offs):
-                per_index[o: o + shape[d]] = numel // shape[d]
+        return slot_offset
+
+    def _index_units(self, slot_offset: Mapping[tuple[str, int], int]) -> None:
+        """The index from slot positions to units (:attr:`src` -> :attr:`dst`), each unit
+        set's first unit (:attr:`offsets`) and how many weights each unit owns."""
         self.offsets: dict[str, int] = {}
         n = 0
         src, dst = [], []
@@ -71,21 +82,28 @@ class UnitNorms:
                 dst.append(n + c[idx])
             n += s.size
         self.n_units = n
-        src_a = np.concatenate(src) if src else np.zeros(0, np.int64)
-        dst_a = np.concatenate(dst) if dst else np.zeros(0, np.int64)
-        self.src, self.dst = src_a, dst_a
-        # how many weights each unit owns (over all its slices)
-        self.unit_numel = np.bincount(dst_a, weights=per_index[src_a], minlength=n)
+        self.src = np.concatenate(src) if src else np.zeros(0, np.int64)
+        self.dst = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+        self.unit_numel = np.bincount(self.dst, weights=self._weights_per_slot()[self.src],
+                                      minlength=n)
         # each position of the slot vector feeds at most one unit: no gather needed
-        self.one_to_one = len(np.unique(src_a)) == len(src_a)
+        self.one_to_one = len(np.unique(self.src)) == len(self.src)
         full = np.full(self.length, n, dtype=np.int64)  # position n: a dump slot
         if self.one_to_one:
-            full[src_a] = dst_a
+            full[self.src] = self.dst
         self.dst_full = full
-        self._dev: torch.device | None = None
-        self._t: dict[str, torch.Tensor] = {}
+
+    def _weights_per_slot(self) -> np.ndarray:
+        """How many weights sit behind each slot position (the slice's size)."""
+        per_index = np.zeros(self.length)
+        for shape, (ud, _, offs, _) in zip(self.shapes, self.specs):
+            numel = int(np.prod(shape)) if shape else 1
+            for d, o in zip(ud, offs):
+                per_index[o: o + shape[d]] = numel // shape[d]
+        return per_index
 
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The index arrays as tensors on ``device`` (built once per device)."""
         if self._dev != device:
             self._t = {"src": torch.as_tensor(self.src, device=device),
                        "dst": torch.as_tensor(self.dst, device=device),
@@ -178,7 +196,26 @@ class UnitNorms:
         return out
 
     def split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All units' values -> ``{unit set id: its units' values}`` (views)."""
         return {s.id: u[self.offsets[s.id]: self.offsets[s.id] + s.size] for s in self.unit_sets}
+
+    # -- reading a model: what every consumer (penalty, selection, history, bar) calls
+    def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The model's tensors in :attr:`names` order (DDP / compile wrappers unwrapped)."""
+        model = unwrap(model)
+        return [model.get_parameter(n) for n in self.names]
+
+    @torch.no_grad()
+    def read(self, source: torch.nn.Module | Sequence[torch.Tensor], ord: float = 2
+             ) -> torch.Tensor:
+        """Every unit's norm now, detached: from a model or from its tensors in :attr:`names`
+        order. ``ord``: 1, 2 or ``math.inf`` (see :func:`norm_order`)."""
+        params = self.parameters(source) if isinstance(source, torch.nn.Module) else source
+        return self.values([p.detach() for p in params], ord)
+
+    def arrays(self, u: torch.Tensor) -> dict[str, np.ndarray]:
+        """All units' values -> ``{unit set id: float64 numpy array}``."""
+        return {k: v.cpu().double().numpy() for k, v in self.split(u).items()}
 
 
 def sqrt0(u: torch.Tensor) -> torch.Tensor:
@@ -190,6 +227,7 @@ _ORD = {"l1": 1, "l2": 2, "linf": math.inf, 1: 1, 2: 2, math.inf: math.inf}
 
 
 def norm_order(norm: Any) -> float:
+    """``"l1"`` -> 1, ``"l2"`` -> 2, ``"linf"`` -> ``math.inf`` (numbers pass through)."""
     try:
         return _ORD[norm]
     except (KeyError, TypeError):
@@ -210,7 +248,4 @@ def unit_norms(graph, model: torch.nn.Module, *, norm: Any = "l2", units: str = 
     if not sets:
         return {}
     un = UnitNorms(sets, dict(graph.signature))
-    with torch.no_grad():
-        params = [model.get_parameter(n).detach() for n in un.names]
-        u = un.values(params, norm_order(norm))
-    return {k: v.cpu().double().numpy() for k, v in un.split(u).items()}
+    return un.arrays(un.read(model, norm_order(norm)))

@@ -31,7 +31,9 @@ import torch
 
 from ..errors import DistanceError, RegulariserError
 from ..graph.signature import check_model_matches
+from .controller import StrengthController, keep_counts, removal_share, target_selection
 from .norms import UnitNorms, norm_order, sqrt0
+from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
 from ..graph.distance import check_pivots, group_distances, multi_source_distances, \
     resolve_unit_graph
@@ -39,26 +41,7 @@ from ..graph.distance import check_pivots, group_distances, multi_source_distanc
 __all__ = ["ExponentialTorque", "Torque"]
 
 
-
-# --- unit sets ---------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --- the vectorised norm machinery ----------------------------------------------------------
-
-
-
-
+# --- the vectorised penalty ------------------------------------------------------------------
 
 class _Penalty(torch.autograd.Function):
     """``sum_u c_u N_u(W)`` with a hand-written backward: one pass per parameter
@@ -102,20 +85,10 @@ class _Penalty(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-
-
-
-
-
-
-
-
 # --- the penalties -----------------------------------------------------------------------------
 
 class _TorqueBase:
     """Shared machinery of :class:`ExponentialTorque` and :class:`Torque`."""
-
-    kind = "base"
 
     def __init__(self, graph, *, strength: float | None = None, base: float | None = None,
                  scale: float | None = None, norm: str = "l1", units: str = "group",
@@ -123,100 +96,99 @@ class _TorqueBase:
                  normalize: str | None = "decay", group_pivots: Any = None,
                  group_scale: float = 10.0, include: Any = None, allow_approximate: bool = False,
                  model: torch.nn.Module | None = None, check_finite: bool = True,
-                 every: int = 1) -> None:
-        if preset not in (None, "paper"):
-            raise RegulariserError(f"preset must be None or 'paper', got {preset!r}")
-        if strength is None:
-            if preset != "paper":
-                raise RegulariserError(
-                    "give strength= (with the default normalize='decay' it is an L1 decay rate "
-                    "relative to the weights, like weight decay; 1 to 2 pruned a small VGG "
-                    "24x in 30 epochs: see docs/etp.md), or use preset='paper' (raw 1e-5)")
-            strength = 1e-5
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or \
-                not math.isfinite(strength) or strength < 0:
-            raise RegulariserError(f"strength must be a finite number >= 0, got {strength!r}")
-        self.graph = graph
-        self.strength = float(strength)
-        self.preset = preset
-        self.norm = norm
-        self.ord = norm_order(norm)
-        if self.ord not in (1, 2):
-            raise RegulariserError(f"norm must be 'l1' or 'l2' for a penalty, got {norm!r}")
-        self.check_finite = check_finite
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise RegulariserError(f"every must be an integer >= 1, got {every!r}")
-        self.every = every
+                 every: int = 1, target_macs: float | None = None,
+                 target_params: float | None = None, ratio: float | None = None,
+                 selection: Selection | None = None, steps: int | None = None,
+                 control: Mapping[str, Any] | None = None) -> None:
+        self.graph, self.preset = graph, _check_preset(preset)
+        if preset == "paper":
+            _check_paper_options(norm, units, distance, pivots, group_pivots, include, base,
+                                 scale)
+            normalize, base, scale = None, 1.01, 500.0
+        target = target_selection(selection, target_macs=target_macs,
+                                  target_params=target_params, ratio=ratio,
+                                  units=units)
+        self.controller = _controller(target, steps, strength, control, preset)
+        fixed = _check_strength(strength, preset, self.controller is not None)
+        self.strength = self.controller.start if self.controller is not None else fixed
+        self.norm, self.ord = norm, _penalty_order(norm)
+        self.check_finite, self.every = check_finite, _check_every(every)
+        self.allow_approximate = allow_approximate
         self.calls = 0
         self.last_value: torch.Tensor | None = None
         self._bound: tuple[Any, list[torch.Tensor]] | None = None
-        shapes = dict(graph.signature)
-        if preset == "paper":
-            if norm != "l1" or units != "group" or distance != "index" or pivots is not None \
-                    or group_pivots is not None or include is not None or base is not None \
-                    or scale is not None:
-                raise RegulariserError(
-                    "preset='paper' fixes norm, units, distance, pivots, base and scale (the "
-                    "official recipe); only strength may be changed")
-            self.units = "producer"
-            sets = paper_unit_sets(graph)
-            normalize = None
-            base, scale = 1.01, 500.0
+        self.units = "producer" if preset == "paper" else units
+        self.unit_sets = self._unit_sets(units, include, allow_approximate)
+        self.keep = None if self.controller is None else keep_counts(
+            graph, self.controller.selection, {s.id: s.size for s in self.unit_sets})
+        self.normalize = _check_normalize(normalize)
+        if self.controller is not None and normalize != "decay":
+            raise RegulariserError("a target sets the strength as an L1 decay rate at the "
+                                   "keep boundary: use normalize='decay' (the default)")
+        self.base, self.scale = self._force_params(base, scale)
+        self.norms = UnitNorms(self.unit_sets, dict(graph.signature))
+        self.names = self.norms.names
+        # values at construction: for importance order and the init normalisation
+        needs_values = normalize is not None or callable(distance) or (
+            isinstance(distance, str) and distance == "importance")
+        init = self._initial_norms(model) if needs_values else None
+        self._place_units(distance, pivots, init)
+        self._set_group_factors(group_pivots, group_scale)
+        self._set_coefficients(init)
+        self.fast_backward = True  # the hand-written backward in eager mode (same values)
+
+    # -- construction helpers
+    def _unit_sets(self, units: str, include: Any, allow_approximate: bool) -> list[UnitSet]:
+        if self.preset == "paper":
+            sets = paper_unit_sets(self.graph)
             if not sets:
                 raise RegulariserError("empty unit graph: the model has no Conv or Linear "
                                        "weight with more than 10 outputs for preset='paper'")
-        else:
-            self.units = units
-            sets = unit_sets_from_graph(graph, units=units, include=include,
-                                        allow_approximate=allow_approximate)
-            if not sets:
-                why = (f"{len(graph.groups)} groups, "
-                       f"{sum(not g.exact for g in graph.groups)} approximate")
-                raise RegulariserError(
-                    f"empty unit graph: no units to penalise ({why}; units={units!r}, "
-                    f"include={include!r}). Check graph.summary() and graph.barriers, or pass "
-                    f"allow_approximate=True.")
-        if normalize not in (None, "init", "decay"):
-            raise RegulariserError(f"normalize must be 'decay', 'init' or None, got "
-                                   f"{normalize!r}")
-        self.normalize = normalize
-        self.base, self.scale = self._force_params(base, scale)
-        self.unit_sets = sets
-        self.norms = UnitNorms(sets, shapes)
-        self.names = self.norms.names
+            return sets
+        sets = unit_sets_from_graph(self.graph, units=units, include=include,
+                                    allow_approximate=allow_approximate)
+        if not sets:
+            groups = self.graph.groups
+            why = f"{len(groups)} groups, {sum(not g.exact for g in groups)} approximate"
+            raise RegulariserError(
+                f"empty unit graph: no units to penalise ({why}; units={units!r}, "
+                f"include={include!r}). Check graph.summary() and graph.barriers, or pass "
+                f"allow_approximate=True.")
+        return sets
 
-        # values at construction: for importance order and the init normalisation
-        init = None
-        needs_values = normalize is not None or (isinstance(distance, str) and
-                                               distance == "importance") or callable(distance)
-        if needs_values:
-            init = self._initial_norms(model)
-
-        # distances and forces
+    def _place_units(self, distance: Any, pivots: Any, init: dict | None) -> None:
+        """Each unit set's unit graph, pivots and distances."""
         self.pivots: dict[str, list[int]] = {}
         self.distances: dict[str, np.ndarray] = {}
         self.unit_graphs: dict[str, Any] = {}
-        for s in sets:
-            vals = init[s.id] if init is not None else None
-            G, default_piv = resolve_unit_graph(distance, s, vals)
+        for s in self.unit_sets:
+            G, default_piv = resolve_unit_graph(distance, s, init[s.id] if init else None)
             piv = self._pivots_for(s, pivots, default_piv)
             self.unit_graphs[s.id] = G
             self.pivots[s.id] = piv
             self.distances[s.id] = multi_source_distances(G, piv, s.size, f"group {s.id}")
-        self.group_factors = {s.id: 1.0 for s in sets}
-        if group_pivots is not None:
-            if preset == "paper":
-                raise RegulariserError("group_pivots is not part of the paper preset")
-            gd = group_distances(graph, group_pivots, [graph[s.id] for s in sets])
-            dmax = max(gd.values()) or 1.0
-            self.group_factors = {s.id: float(group_scale) ** (gd[s.id] / dmax) for s in sets}
+
+    def _set_group_factors(self, group_pivots: Any, group_scale: float) -> None:
+        self.group_factors = {s.id: 1.0 for s in self.unit_sets}
+        if group_pivots is None:
+            return
+        if self.preset == "paper":
+            raise RegulariserError("group_pivots is not part of the paper preset")
+        gd = group_distances(self.graph, group_pivots, [self.graph[s.id] for s in
+                                                        self.unit_sets])
+        dmax = max(gd.values()) or 1.0
+        self.group_factors = {s.id: float(group_scale) ** (gd[s.id] / dmax)
+                              for s in self.unit_sets}
+
+    def _set_coefficients(self, init: dict | None) -> None:
+        """``coef_u = f(d_u) * A_g * gamma_g`` per unit, and per slot position for L1."""
         coef = np.zeros(self.norms.n_units)
         self.multiplier: dict[str, float] = {}
-        for s in sets:
+        for s in self.unit_sets:
             o = self.norms.offsets[s.id]
             f = self.force(self.distances[s.id])
             a = self._multiplier(f, init[s.id] if init is not None else None,
-                                 self.norms.unit_numel[o: o + s.size])
+                                 self.norms.unit_numel[o: o + s.size], self._knee(s))
             self.multiplier[s.id] = a
             coef[o: o + s.size] = f * a * self.group_factors[s.id]
         self.coef = coef
@@ -226,19 +198,32 @@ class _TorqueBase:
         self.coef_slot = coef_slot
         self._dev: torch.device | None = None
         self._coef_t: dict[str, Any] = {}
-        self.fast_backward = True  # the hand-written backward in eager mode (same values)
 
     # -- subclass hooks
     def _force_params(self, base, scale):
         raise NotImplementedError
 
-    def force(self, d: np.ndarray) -> np.ndarray:
-        """The force on units at distances ``d`` (one unit set)."""
+    def force(self, d: np.ndarray, at: np.ndarray | float | None = None) -> np.ndarray:
+        """The force on units at distances ``d`` (one unit set), or, with ``at``, the force
+        the same unit set puts at distances ``at``."""
         raise NotImplementedError
 
+    def _knee(self, s: UnitSet) -> float | None:
+        """With a target: the force at the boundary between the units the target keeps (the
+        ``keep[s.id]`` closest to the pivots) and the ones it removes."""
+        if self.keep is None or not self.controller.knee:
+            return None
+        d = self.distances[s.id]
+        k, srt = self.keep[s.id], np.sort(d)
+        boundary = (srt[k - 1] + srt[k]) / 2 if k < len(d) else srt[-1] + 1.0
+        return float(self.force(d, boundary))
+
     # -- construction helpers
-    def _multiplier(self, f: np.ndarray, n0: np.ndarray | None, numel: np.ndarray) -> float:
-        """``A_g`` in ``coef_u = gamma_g * f(d_u) * A_g`` (see docs/etp.md)."""
+    def _multiplier(self, f: np.ndarray, n0: np.ndarray | None, numel: np.ndarray,
+                    knee: float | None = None) -> float:
+        """``A_g`` in ``coef_u = gamma_g * f(d_u) * A_g`` (see docs/etp.md). With a target
+        (``knee``: the force at the keep boundary) the boundary unit, not the average one,
+        is pulled at rate ``strength``."""
         if self.normalize is None:
             return 1.0 / len(f)  # the paper's 1 / C
         if self.normalize == "init":  # P_g(W_0) = 1
@@ -248,6 +233,8 @@ class _TorqueBase:
         # strength * f(d_u) / mean f: an L1 decay rate, like weight decay's coefficient
         total = float(numel.sum())
         fbar = float(np.dot(f, numel)) / total if total else 0.0
+        if knee is not None and knee > 0:
+            fbar = knee
         if self.ord == 1:
             kappa = float(n0.sum()) / total if total else 0.0  # mean |w|
         else:
@@ -276,29 +263,28 @@ class _TorqueBase:
         src = unwrap(model) if model is not None else self.graph.module
         if model is not None:
             check_model_matches(self.graph, src)
-        params = [src.get_parameter(n) for n in self.names]
+        params = self.norms.parameters(src)
         if any(p.device.type == "meta" for p in params):
             raise RegulariserError(
                 "the traced parameters live on the meta device, so their norms at "
                 "initialisation are unknown: pass model= (with real weights) or normalize=None")
-        with torch.no_grad():
-            u = self.norms.values([p.detach() for p in params], self.ord)
+        u = self.norms.read(params, self.ord)
         if not torch.isfinite(u).all():
             bad = [n for n, p in zip(self.names, params) if not torch.isfinite(p).all()]
             raise FloatingPointError(f"non-finite values in parameters {bad[:3]} at "
                                      f"construction")
-        return {k: v.cpu().double().numpy() for k, v in self.norms.split(u).items()}
+        return self.norms.arrays(u)
 
     # -- call
     def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
         model = unwrap(model)
         if torch.compiler.is_compiling():
-            return [model.get_parameter(n) for n in self.names]
+            return self.norms.parameters(model)
         b = self._bound
         if b is not None and b[0]() is model:
             return b[1]
         check_model_matches(self.graph, model)
-        params = [model.get_parameter(n) for n in self.names]
+        params = self.norms.parameters(model)
         self._bound = (weakref.ref(model), params)
         return params
 
@@ -308,26 +294,38 @@ class _TorqueBase:
             self._coef_t = {"slot": slot,
                             "unit": torch.as_tensor(self.coef, dtype=torch.float32,
                                                     device=device),
-                            "bcast": self.norms.broadcast(slot)}
+                            "bcast": self.norms.broadcast(slot),
+                            "strength": torch.full((), self.strength, device=device)}
             self._dev = device
         return self._coef_t
+
+    def _strength_factor(self, c: dict[str, Any]) -> float | torch.Tensor:
+        """The strength as a float, or, when a target drives it, as a 0-dim tensor updated in
+        place (so a compiled step reads the new value instead of recompiling for each)."""
+        return self.strength if self.controller is None else c["strength"]
 
     def penalty(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """The penalty of these parameter tensors (in :attr:`names` order), pure."""
         c = self._coefs(params[0].device)
+        k = self._strength_factor(c)
         if torch.compiler.is_compiling() or not self.fast_backward:
             if self.ord == 1:
-                return self.strength * torch.dot(self.norms.slot_vector(params, 1), c["slot"])
-            return self.strength * torch.dot(self.norms.values(params, 2), c["unit"])
+                return k * torch.dot(self.norms.slot_vector(params, 1), c["slot"])
+            return k * torch.dot(self.norms.values(params, 2), c["unit"])
         if self.ord == 1:
             pen = _Penalty.apply(self.norms, 1, c["slot"], c["bcast"], *params)
         else:
             pen = _Penalty.apply(self.norms, 2, c["unit"], None, *params)
-        return self.strength * pen
+        return k * pen
 
-    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, loss: torch.Tensor | float | None = None
+                 ) -> torch.Tensor:
         """The penalty for the model's current parameters: a differentiable scalar.
 
+        Each call counts as one training step (:attr:`calls`); with a target, the strength is
+        updated every ``interval`` calls before the penalty is computed (see :meth:`step`).
+        ``loss``: this step's task loss (optional); with a target it lets the controller back
+        off when the task loss rises (``loss_rise``).
         With ``every=k > 1`` (lazy regularisation, eager mode only) the penalty is applied on
         one call in ``k``, multiplied by ``k``, and 0 is returned on the other calls;
         :attr:`last_value` always holds the last penalty actually computed (unscaled)."""
@@ -336,8 +334,10 @@ class _TorqueBase:
                 raise RegulariserError("every > 1 needs a call counter, which a compiled step "
                                        "cannot keep: use every=1 inside torch.compile")
             return self.penalty(self._params(model))
-        self.calls += 1
         params = self._params(model)
+        if loss is not None and self.controller is not None:
+            self.controller.observe_loss(float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        self._advance(params)
         if self.every > 1 and (self.calls - 1) % self.every:
             return torch.zeros((), device=params[0].device)
         pen = self.penalty(params)
@@ -351,21 +351,82 @@ class _TorqueBase:
                 f"{what}. Lower the learning rate or strength, or clip gradients.")
         return pen * self.every if self.every > 1 else pen
 
+    # -- the target-driven strength
+    def _advance(self, params: Sequence[torch.Tensor]) -> None:
+        self.calls += 1
+        if self.controller is not None and self.controller.due(self.calls):
+            self._control(params)
+
+    def _control(self, params: Sequence[torch.Tensor]) -> None:
+        ctl = self.controller
+        norms = self.norms.arrays(self.norms.read(params, norm_order(ctl.selection.norm)))
+        self.strength = ctl.update(self.graph, norms, self.calls, self.strength,
+                                   allow_approximate=self.allow_approximate)
+        if self._dev is not None:
+            self._coef_t["strength"].fill_(self.strength)
+
+    def step(self, model: torch.nn.Module) -> None:
+        """Count one training step and update the strength when due, without computing the
+        penalty. ``reg(model)`` does this itself; call ``step`` instead when the penalty runs
+        inside a compiled function (which cannot keep a counter), once per step, outside it."""
+        self._advance(self._params(model))
+
+    def update(self, model: torch.nn.Module) -> float:
+        """Update the strength from the model's weights now (whatever the step); returns it.
+        Needs a target."""
+        if self.controller is None:
+            raise RegulariserError("update() adapts the strength to a target: build the "
+                                   "regulariser with target_macs=, target_params=, ratio= "
+                                   "or selection=")
+        self._control(self._params(model))
+        return self.strength
+
+    def set_steps(self, steps: int) -> None:
+        """Tell a target-driven regulariser how many steps training lasts (before it starts)."""
+        if self.controller is None:
+            raise RegulariserError("set_steps() is for a target-driven strength: build the "
+                                   "regulariser with a target (target_macs=, ...)")
+        self.controller.set_steps(steps)
+
+    def value(self, model: torch.nn.Module) -> torch.Tensor:
+        """The penalty now, without counting a training step (for an evaluation loss)."""
+        return self.penalty(self._params(model))
+
+    def mass_left(self, model: torch.nn.Module, selection: Selection | None = None) -> float:
+        """The share of the unit-norm mass in the units ``selection`` (default: the target)
+        would remove now, each unit's norm divided by its group's mean (at the controller's
+        first update, or now)."""
+        selection = selection if selection is not None else self.target
+        if selection is None:
+            raise RegulariserError("mass_left() needs a selection (this regulariser has no "
+                                   "target), e.g. etp_fx.Budget(macs=0.25)")
+        norms = self.norms.arrays(self.norms.read(self._params(model),
+                                                  norm_order(selection.norm)))
+        scale = self.controller.scale if self.controller is not None else None
+        return removal_share(self.graph, selection, norms, scale,
+                             allow_approximate=self.allow_approximate)[1]
+
+    @property
+    def target(self) -> Selection | None:
+        """The selection that drives the strength, or None for a fixed strength."""
+        return self.controller.selection if self.controller is not None else None
+
+    @property
+    def left(self) -> float | None:
+        """The share of unit-norm mass left in the units the target removes (last update)."""
+        last = self.controller.last if self.controller is not None else None
+        return last.left if last is not None else None
+
     # -- monitoring
     def unit_norms(self, model: torch.nn.Module, norm: Any = None) -> dict[str, torch.Tensor]:
         """Each unit set's per-unit norms (detached), in this regulariser's units."""
-        params = self._params(model)
-        with torch.no_grad():
-            u = self.norms.values([p.detach() for p in params], norm_order(norm or self.norm))
+        u = self.norms.read(self._params(model), norm_order(norm or self.norm))
         return self.norms.split(u)
 
     def near_zero(self, model: torch.nn.Module, tol: float = 5e-4) -> int:
         """How many units have every weight below ``tol`` in magnitude (the official code's
         clipping threshold): the units a per-epoch clipping would zero out."""
-        params = self._params(model)
-        with torch.no_grad():
-            u = self.norms.values([p.detach() for p in params], math.inf)
-        return int((u < tol).sum())
+        return int((self.norms.read(self._params(model), math.inf) < tol).sum())
 
     def summary(self) -> str:
         """A table, one row per unit set: units, pivots, largest distance, force range, group
@@ -387,12 +448,96 @@ class _TorqueBase:
                      f"units {self.units}, normalize {self.normalize}, preset {self.preset}; "
                      f"{len(self.unit_sets)} unit sets, {self.norms.n_units} units, "
                      f"{len(self.names)} parameters")
+        if self.controller is not None:
+            lines.append(f"strength driven by {self.controller!r}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(strength={self.strength:g}, norm={self.norm!r}, "
+        target = f", target={self.target!r}" if self.controller is not None else ""
+        return (f"{type(self).__name__}(strength={self.strength:g}{target}, norm={self.norm!r}, "
                 f"units={self.units!r}, preset={self.preset!r}, {len(self.unit_sets)} unit sets,"
                 f" {self.norms.n_units} units)")
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+def _check_preset(preset: Any) -> str | None:
+    if preset not in (None, "paper"):
+        raise RegulariserError(f"preset must be None or 'paper', got {preset!r}")
+    return preset
+
+
+def _check_paper_options(norm, units, distance, pivots, group_pivots, include, base,
+                         scale) -> None:
+    if norm != "l1" or units != "group" or distance != "index" or pivots is not None \
+            or group_pivots is not None or include is not None or base is not None \
+            or scale is not None:
+        raise RegulariserError(
+            "preset='paper' fixes norm, units, distance, pivots, base and scale (the "
+            "official recipe); only strength may be changed")
+
+
+def _check_strength(strength: Any, preset: str | None, targeted: bool) -> float | None:
+    """The fixed strength, None when a target will set it, or an error."""
+    if strength is None:
+        if targeted:
+            return None
+        if preset != "paper":
+            raise RegulariserError(
+                "give strength= or a target: target_macs=0.25 (or target_params=, ratio=, "
+                "selection=) with steps= lets the target drive the strength, no tuning; a "
+                "fixed strength is, with the default normalize='decay', an L1 decay rate "
+                "relative to the weights, like weight decay (1 to 2 pruned a small VGG 24x in "
+                "30 epochs: see docs/etp.md); or use preset='paper' (raw 1e-5)")
+        return 1e-5
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or \
+            not math.isfinite(strength) or strength < 0:
+        raise RegulariserError(f"strength must be a finite number >= 0, got {strength!r}")
+    return float(strength)
+
+
+def _controller(target: Selection | None, steps: Any, strength: Any, control: Any,
+                preset: str | None) -> StrengthController | None:
+    if target is None:
+        if steps is not None or control is not None:
+            raise RegulariserError("steps= and control= go with a target (target_macs=, "
+                                   "target_params=, ratio= or selection=)")
+        return None
+    if preset == "paper":
+        raise RegulariserError("preset='paper' is the official recipe with a fixed strength; "
+                               "a target drives the strength of the default (group) units: "
+                               "drop preset='paper'")
+    if control is not None and not isinstance(control, Mapping):
+        raise RegulariserError(f"control= takes a dict of StrengthController options "
+                               f"(floor=, reach=, interval=, ...), got {type(control).__name__}")
+    start = _check_strength(strength, preset, True)
+    opts = dict(control or {})
+    if start is not None:
+        opts["start"] = start
+    try:
+        return StrengthController(target, steps, **opts)
+    except TypeError as e:
+        raise RegulariserError(f"control=: {e}; see etp_fx.regularise.controller."
+                               f"StrengthController for the options") from None
+
+
+def _penalty_order(norm: Any) -> float:
+    order = norm_order(norm)
+    if order not in (1, 2):
+        raise RegulariserError(f"norm must be 'l1' or 'l2' for a penalty, got {norm!r}")
+    return order
+
+
+def _check_every(every: Any) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise RegulariserError(f"every must be an integer >= 1, got {every!r}")
+    return every
+
+
+def _check_normalize(normalize: Any) -> str | None:
+    if normalize not in (None, "init", "decay"):
+        raise RegulariserError(f"normalize must be 'decay', 'init' or None, got {normalize!r}")
+    return normalize
 
 
 class ExponentialTorque(_TorqueBase):
@@ -451,8 +596,6 @@ class ExponentialTorque(_TorqueBase):
     >>> loss = reg(net)                                  # add to the task loss
     """
 
-    kind = "exponential"
-
     def _force_params(self, base, scale):
         base = 1.01 if base is None else float(base)
         scale = 500.0 if scale is None else float(scale)
@@ -460,8 +603,10 @@ class ExponentialTorque(_TorqueBase):
             raise RegulariserError(f"base must be > 0 and scale finite, got {base}, {scale}")
         return base, scale
 
-    def force(self, d: np.ndarray) -> np.ndarray:
+    def force(self, d: np.ndarray, at: np.ndarray | float | None = None) -> np.ndarray:
         d = np.asarray(d, dtype=np.float64)
+        if at is not None:
+            return self.base ** (self.scale * np.asarray(at, dtype=np.float64) / (d.max() + 1.0))
         if self.preset == "paper":  # alpha = 1.01 ** (500 / C), force alpha ** i
             n = len(d)
             return (self.base ** (self.scale / n)) ** d
@@ -473,8 +618,6 @@ class Torque(_TorqueBase):
 
     Same parameters as :class:`ExponentialTorque` (``base`` is not used)."""
 
-    kind = "linear"
-
     def _force_params(self, base, scale):
         if base is not None and self.preset != "paper":
             raise RegulariserError("Torque has a linear force: base is not used (give scale)")
@@ -483,5 +626,5 @@ class Torque(_TorqueBase):
             raise RegulariserError(f"scale must be a finite number > 0, got {scale}")
         return None, scale
 
-    def force(self, d: np.ndarray) -> np.ndarray:
-        return self.scale * np.asarray(d, dtype=np.float64)
+    def force(self, d: np.ndarray, at: np.ndarray | float | None = None) -> np.ndarray:
+        return self.scale * np.asarray(d if at is None else at, dtype=np.float64)

@@ -2,13 +2,14 @@
 
 Plain PyTorch needs nothing from here::
 
-    reg = etp_fx.ExponentialTorque(etp_fx.trace(model, x), strength=1.0)
-    loss = criterion(model(x), y) + reg(model)      # in the loop
-    small = etp_fx.compress(model, x, threshold=0.02, relative=True)
+    reg = etp_fx.ExponentialTorque(etp_fx.trace(model, x), target_macs=0.25, steps=n_steps)
+    loss = criterion(model(x), y) + reg(model)      # in the loop, once per step
+    small = etp_fx.compress(model, x, target_macs=0.25)
 
 What is here makes the loop pleasant:
 
-- :func:`progress`: a tqdm bar showing the live penalty and how many units are near zero;
+- :func:`progress`: a tqdm bar showing the live penalty, how many units are near zero, and,
+  with a target, the controlled strength and the mass left in the units the target removes;
 - :class:`NormHistory` + :func:`plot_norms`: per-unit L2 norms per epoch and the paper's
   "norm over training" figure;
 - :class:`ETPCallback` / :class:`ETPTrainerMixin`: the penalty inside a Hugging Face
@@ -25,21 +26,41 @@ import torch
 from ..errors import RegulariserError
 from ..graph.signature import check_model_matches
 from .clipping import clip_small_weights
+from .controller import target_selection
 from .norms import UnitNorms, norm_order
+from .selection import Selection
 from .units import unit_sets_from_graph, unwrap
 
-__all__ = ["progress", "NormHistory", "plot_norms", "ETPCallback", "ETPTrainerMixin"]
+__all__ = ["progress", "NormHistory", "plot_norms", "ETPCallback", "ETPTrainerMixin",
+           "target_status"]
 
 
 # --- progress bar ------------------------------------------------------------------------------
 
+def target_status(reg, model, selection: Selection | None = None) -> dict[str, float]:
+    """``strength`` and ``left`` (the share of unit-norm mass in the units the target removes)
+    for logs: from the controller's last update when the strength is target-driven and no
+    other ``selection`` is given, else measured now against ``selection`` (empty without
+    either)."""
+    out = {"strength": float(reg.strength)}
+    ctl = getattr(reg, "controller", None)
+    if selection is None and ctl is not None:
+        if ctl.last is not None:
+            out["left"] = ctl.last.left
+    elif selection is not None:
+        out["left"] = reg.mass_left(model, selection)
+    return out
+
+
 class ProgressBar:
     """An iterable over a data loader with a live tqdm bar (see :func:`progress`)."""
 
-    def __init__(self, iterable: Iterable, reg, model, every: int, tol: float, **tqdm_kw):
+    def __init__(self, iterable: Iterable, reg, model, every: int, tol: float,
+                 selection: Selection | None = None, **tqdm_kw):
         from tqdm.auto import tqdm
         self.bar = tqdm(iterable, **tqdm_kw)
         self.reg, self.model, self.every, self.tol = reg, model, max(1, int(every)), tol
+        self.selection = selection
         self.n = 0
         self.postfix: dict[str, Any] = {}
 
@@ -52,12 +73,17 @@ class ProgressBar:
         self.refresh()
 
     def refresh(self) -> None:
-        """Update the bar's postfix now: the last penalty and the count of near-zero units."""
+        """Update the bar's postfix now: the last penalty, the count of near-zero units and,
+        with a target, the strength and the mass left in the units it removes."""
         post = {}
         if self.reg.last_value is not None:
             post["penalty"] = f"{float(self.reg.last_value):.4g}"
         total = self.reg.norms.n_units
         post["zero_units"] = f"{self.reg.near_zero(self.model, self.tol)}/{total}"
+        status = target_status(self.reg, self.model, self.selection)
+        if "left" in status:
+            post["strength"] = f"{status['strength']:.3g}"
+            post["left"] = f"{status['left']:.2%}"
         self.postfix = post
         self.bar.set_postfix(post, refresh=False)
 
@@ -69,15 +95,38 @@ class ProgressBar:
 
 
 def progress(iterable: Iterable, reg, model: torch.nn.Module, *, every: int = 20,
-             tol: float = 5e-4, **tqdm_kw) -> ProgressBar:
+             tol: float = 5e-4, steps: int | None = None, selection: Selection | None = None,
+             target_macs: float | None = None, target_params: float | None = None,
+             ratio: float | None = None, **tqdm_kw) -> ProgressBar:
     """Wrap a data loader in a tqdm bar that shows ``penalty`` (the regulariser's last value)
     and ``zero_units`` (units whose every weight is below ``tol``: the ones the official
     per-epoch clipping would zero), refreshed every ``every`` batches (it reads all weights).
 
+    With a target-driven regulariser it also shows ``strength`` (the controlled value) and
+    ``left`` (the share of unit-norm mass still in the units the target removes); for a fixed
+    strength, give the target here (``target_macs=``, ``target_params=``, ``ratio=`` or
+    ``selection=``) to see ``left`` against it. ``steps``: the training length, handed to a
+    target-driven regulariser that was built without it.
+
     >>> for x, y in etp_fx.progress(loader, reg, model, desc="epoch 3"):  # doctest: +SKIP
     ...     loss = F.cross_entropy(model(x), y) + reg(model)
     """
-    return ProgressBar(iterable, reg, model, every, tol, **tqdm_kw)
+    target = target_selection(selection, target_macs=target_macs,
+                              target_params=target_params, ratio=ratio, units=reg.units)
+    _hand_steps(reg, steps)
+    return ProgressBar(iterable, reg, model, every, tol, target, **tqdm_kw)
+
+
+def _hand_steps(reg, steps: int | None) -> None:
+    """Give a target-driven regulariser its training length if it has none yet."""
+    ctl = getattr(reg, "controller", None)
+    if steps is None or ctl is None:
+        return
+    if ctl.steps is None:
+        ctl.set_steps(steps)
+    elif ctl.steps != steps:
+        raise RegulariserError(f"the regulariser was built for steps={ctl.steps}, but "
+                               f"{steps} were given here: give the training length once")
 
 
 # --- norm history ------------------------------------------------------------------------------
@@ -114,10 +163,8 @@ class NormHistory:
         if self._checked is not model:
             check_model_matches(self.graph, model)
             self._checked = model
-        params = [model.get_parameter(n).detach() for n in self._norms.names]
-        u = self._norms.values(params, self.ord)
-        for k, v in self._norms.split(u).items():
-            self.values[k].append(v.cpu().double().numpy())
+        for k, v in self._norms.arrays(self._norms.read(model, self.ord)).items():
+            self.values[k].append(v)
         self.epochs.append(float(len(self.epochs) if epoch is None else epoch))
 
     def __len__(self) -> int:
@@ -191,8 +238,9 @@ def _no_event(*args, **kwargs):
 def _add_penalty(trainer, reg, model, out, return_outputs: bool, kwargs: dict):
     """Add the penalty to what ``compute_loss`` returned. When the Trainer will not divide
     the loss by the gradient-accumulation steps (the model normalised it by
-    ``num_items_in_batch``), divide the penalty here, so each optimizer step gets it once."""
-    pen = reg(model)
+    ``num_items_in_batch``), divide the penalty here, so each optimizer step gets it once.
+    Only training calls count as steps of the regulariser (its clock drives a target)."""
+    pen = reg(model) if getattr(model, "training", True) else reg.value(model)
     ga = int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1)
     if ga > 1:
         scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
@@ -235,6 +283,14 @@ class ETPCallback:
     """A Hugging Face ``TrainerCallback`` that logs the penalty and near-zero units, clips
     small weights at epoch ends (optional, the official recipe), and records norms.
 
+    With a target-driven regulariser it also logs ``etp_strength`` and ``etp_left`` (the share
+    of unit-norm mass in the units the target removes), feeds the logged training loss to the
+    controller (it backs off when the loss rises), and, if the regulariser was built without
+    ``steps=``, tells it the training length at the start (``max_steps`` times the gradient
+    accumulation steps: the regulariser is called once per micro-batch). For a fixed strength,
+    ``target_macs=`` (or ``target_params=``, ``ratio=``, ``selection=``) logs ``etp_left``
+    against that target.
+
     It follows the callback protocol without subclassing ``TrainerCallback`` (events it does
     not handle are no-ops), so ``import etp_fx`` never imports transformers.
 
@@ -247,8 +303,13 @@ class ETPCallback:
     """
 
     def __init__(self, reg, *, clip: float | None = None, history: NormHistory | None = None,
-                 tol: float = 5e-4) -> None:
+                 tol: float = 5e-4, selection: Selection | None = None,
+                 target_macs: float | None = None, target_params: float | None = None,
+                 ratio: float | None = None) -> None:
         self.reg, self.clip, self.history, self.tol = reg, clip, history, tol
+        self.selection = target_selection(selection, target_macs=target_macs,
+                                          target_params=target_params, ratio=ratio,
+                                          units=reg.units)
         self.attached = False
 
     def attach(self, trainer) -> "ETPCallback":
@@ -276,13 +337,28 @@ class ETPCallback:
             return _no_event
         raise AttributeError(name)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Hand the training length to a target-driven regulariser built without it."""
+        ctl = getattr(self.reg, "controller", None)
+        if ctl is not None and ctl.steps is None and state.max_steps and state.max_steps > 0:
+            ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+            ctl.set_steps(int(state.max_steps) * ga)
+        return control
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        """Add ``etp_penalty`` and ``etp_zero_units`` to the Trainer's logs."""
+        """Add ``etp_penalty``, ``etp_zero_units`` and, with a target, ``etp_strength`` and
+        ``etp_left`` to the Trainer's logs."""
         if logs is None or self.reg.last_value is None or "loss" not in logs:
             return control
+        ctl = getattr(self.reg, "controller", None)
+        if ctl is not None:
+            ctl.observe_loss(float(logs["loss"]))
         extra = {"etp_penalty": float(self.reg.last_value)}
         if model is not None:
             extra["etp_zero_units"] = self.reg.near_zero(model, self.tol)
+            status = target_status(self.reg, model, self.selection)
+            if "left" in status:
+                extra["etp_strength"], extra["etp_left"] = status["strength"], status["left"]
         logs.update(extra)
         # the Trainer appended a copy of ``logs`` to the history before calling callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
