@@ -9,9 +9,6 @@ instance of every expected type (an ``etp_fx.Error`` subclass, and ``ValueError`
 Command-line rows run ``etp_fx.cli.main`` in process: the row passes when the command exits
 with 2 and prints exactly one line, ``etp-fx CMD: error: ...``, and no traceback; the call
 then raises :class:`ExitedWith2` carrying that line, so the table checks it like the others.
-
-Rows marked ``xfail(strict=True)`` describe inputs that are refused badly today and are being
-fixed elsewhere; a fix makes them pass, strict makes that visible, and the mark goes then.
 """
 from __future__ import annotations
 
@@ -151,7 +148,6 @@ class Row:
     call: object
     types: tuple
     phrase: str
-    fixing: str | None = None  # where the fix is being made, for a row that fails today
 
 
 def _rows() -> list[Row]:
@@ -251,7 +247,7 @@ def _rows() -> list[Row]:
         Row("compress/batch-0", lambda c: C(c.model, torch.randn(0, 3, 8, 8), ratio=0.5),
             (InputError,), "batch of size 0"),
         Row("compress/not-a-module", lambda c: C("model", c.x, ratio=0.5), (Error, TypeError),
-            r"torch\.nn\.Module", "surgery/compress (non-module models)"),
+            r"torch\.nn\.Module"),
         Row("compress/integer-parameter", lambda c: C(_with_int_parameter(), c.x, ratio=0.5),
             (Error, TypeError), "float"),
         Row("compress/meta-weights", lambda c: C(_net().to("meta"), c.x.to("meta"), ratio=0.5),
@@ -264,9 +260,9 @@ def _rows() -> list[Row]:
             (Error, ValueError), "verify must be"),
         Row("compress/random-forward", lambda c: C(_RandomForward().eval(), torch.randn(2, 4),
                                                     ratio=0.5),
-            (Error,), "(?i)random|nondetermin", "capture (random or stateful forwards)"),
+            (Error,), "(?i)random|nondetermin"),
         Row("compress/random-forward-hook", lambda c: C(_with_random_hook(), c.x, ratio=0.5),
-            (Error,), "(?i)random|nondetermin", "capture (forward hooks)"),
+            (Error,), "(?i)random|nondetermin"),
         # --- zero_units --------------------------------------------------------------------------
         Row("zero_units/unknown-group", lambda c: etp_fx.zero_units(_net(), c.graph, {"x": [0]}),
             (PlanError,), "no group 'x'"),
@@ -289,7 +285,7 @@ def _rows() -> list[Row]:
             (PlanError,), "must be integers"),
         Row("zero_units/not-a-module", lambda c: etp_fx.zero_units("model", c.graph,
                                                                    {c.gid: [0]}),
-            (Error, TypeError), r"torch\.nn\.Module", "surgery/zero (non-module models)"),
+            (Error, TypeError), r"torch\.nn\.Module"),
         # --- the regulariser ---------------------------------------------------------------------
         Row("torque/no-strength", lambda c: etp_fx.ExponentialTorque(c.graph),
             (RegulariserError,), "give strength="),
@@ -436,13 +432,7 @@ def _report_dir_cli(c) -> None:
 ROWS = _rows()
 
 
-def _param(row: Row):
-    marks = [pytest.mark.xfail(strict=True, reason=f"being fixed in {row.fixing}")] \
-        if row.fixing else []
-    return pytest.param(row, id=row.id, marks=marks)
-
-
-@pytest.mark.parametrize("row", [_param(r) for r in ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS])
 def test_bad_input(ctx, row: Row):
     with pytest.raises(Exception) as info:
         row.call(ctx)

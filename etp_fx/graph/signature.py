@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ModelMismatchError
+from ..errors import ModelError, ModelMismatchError
 
 __all__ = ["signature_of", "structure_of", "check_model_matches"]
 
@@ -26,7 +26,12 @@ def check_model_matches(graph, model: torch.nn.Module) -> None:
     ------
     ModelMismatchError
         Naming the missing, new and reshaped parameters, and how to trace again.
+    ModelError
+        When ``model`` is not a ``torch.nn.Module`` at all.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"expected the torch.nn.Module the graph was traced from, got "
+                         f"{type(model).__name__}")
     got = signature_of(model)
     want = tuple(graph.signature)
     if got == want:

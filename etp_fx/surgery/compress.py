@@ -123,7 +123,11 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     job = Job(model, graph, base, plan, traced, (args, kw),
               selection.keeps_constants if keep_constants is None else keep_constants,
               tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
-    small = _surgery(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify, report
+    try:
+        small = _surgery(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify,
+    except FoldError:          # report; input-dependent values may come from a random forward
+        check_deterministic(model, args, kw)
+        raise
     failed = _failed_checks(small)
     if failed and not _approximate(graph, plan):
         raise _refusal(job, failed)
