@@ -38,12 +38,16 @@ import torch.utils._pytree as pytree
 from torch.export.pt2_archive import _package
 
 from .capture import as_plain_module, batch_dynamic_shapes, describe_inputs, normalize_inputs
+from .capture.calls import attach_binder, bound_inputs, form_from_json, form_to_json
+from .capture.dynamic import concrete_size, shapes_from_dims
 from .errors import Error, LoadError, SaveError
 
 __all__ = ["save", "load", "LoadError", "SaveError"]
 
 _REPORT = "etp_report.json"
 _TYPES = "etp_pytree_types.json"  # input/output container types the loader must know
+_CALL = "etp_call.json"  # the original model's call form (positional/keyword, optional masks)
+_DIMS = "etp_dynamic_dims.json"  # which input dims stay dynamic
 _MANIFEST = "extra/etp_manifest.json"        # {member name: sha256} of every other member
 _MANIFEST_HASH = "extra/etp_manifest.sha256"  # sha256 of the manifest's bytes
 _FORMAT = "etp_fx-manifest/1"
@@ -63,8 +67,10 @@ def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
         The file to write; missing parent folders are created. It is checked for writability
         before any export work, and replaced atomically (a failed save leaves no partial file).
     example_inputs : Tensor, tuple or dict, optional
-        Inputs to export the model at (dim 0 stays dynamic). Defaults to the inputs a model
-        from :func:`etp_fx.compress` was made for; required for any other model.
+        Inputs to export the model at, in any form the model accepts. Defaults to the inputs
+        a model from :func:`etp_fx.compress` was made for; required for any other model. The
+        dims that stay dynamic are the ones the model's capture kept dynamic
+        (``meta["etp_dynamic_dims"]``); for any other model, dim 0.
 
     Returns
     -------
@@ -87,7 +93,10 @@ def save(model: fx.GraphModule | torch.nn.Module, path: str | os.PathLike,
         ep = _export(model, path, args, kwargs)
         meta = getattr(model, "meta", {}) or {}
         extra = {_REPORT: json.dumps(meta.get("etp_report", {}), default=str),
-                 _TYPES: json.dumps(sorted(_container_types(ep)))}
+                 _TYPES: json.dumps(sorted(_container_types(ep))),
+                 _CALL: json.dumps(form_to_json(meta["etp_call"]) if "etp_call" in meta
+                                   else None),
+                 _DIMS: json.dumps(_dims_record(ep))}
         staged = workdir / path.name  # same name: the archive's root folder is its stem
         torch.export.save(ep, str(staged), extra_files=extra)
         _add_manifest(staged)
@@ -127,9 +136,13 @@ def _save_inputs(model: torch.nn.Module, path: Path, example_inputs: Any) -> tup
 
 def _export(model: torch.nn.Module, path: Path, args: tuple,
             kwargs: dict) -> torch.export.ExportedProgram:
-    """``torch.export`` with dim 0 dynamic; any failure is the inputs' or model's, named."""
+    """``torch.export`` with the dims the capture kept dynamic (else dim 0) dynamic; any
+    failure is the inputs' or model's, named."""
     try:
-        dyn = batch_dynamic_shapes(model.forward, args, kwargs)
+        args, kwargs = bound_inputs(model, args, kwargs)  # the form the graph takes
+        dims = (getattr(model, "meta", None) or {}).get("etp_dynamic_dims")
+        dyn = shapes_from_dims(model.forward, args, kwargs, dims) if dims is not None else \
+            batch_dynamic_shapes(model.forward, args, kwargs)
         return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # noqa: BLE001 - the model's own error, reported with the inputs
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -138,6 +151,16 @@ def _export(model: torch.nn.Module, path: Path, args: tuple,
             f"inputs {describe_inputs(args, kwargs)} ({type(e).__name__}: {first}). Give "
             f"example_inputs the model runs on (for a model from etp_fx.compress, leave "
             f"example_inputs out)") from e
+
+
+def _dims_record(ep: torch.export.ExportedProgram) -> dict:
+    """``{input: {dim: "dynamic" | "static"}}`` of the exported program's user inputs."""
+    names = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return {name: {d: "dynamic" if concrete_size(size) is None else "static"
+                   for d, size in enumerate(vals[name].shape)}
+            for name in names if isinstance(vals.get(name), torch.Tensor)}
 
 
 def _container_types(ep: torch.export.ExportedProgram) -> set[str]:
@@ -204,11 +227,12 @@ def load(path: str | os.PathLike, *, allow_unverified: bool = False) -> fx.Graph
     path = Path(path)
     members = _verified_members(path, _read_members(path), allow_unverified)
     _check_container_types(path, members)
-    extra = {_REPORT: ""}
+    extra = {_REPORT: "", _CALL: "", _DIMS: ""}
     try:
         with _safe_torch_load():
             ep = torch.export.load(_rebuilt(members), extra_files=extra)
         gm = as_plain_module(ep.module())
+        _restore_call_form(gm, extra)
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met something not a tensor
@@ -223,6 +247,18 @@ def load(path: str | os.PathLike, *, allow_unverified: bool = False) -> fx.Graph
     except ValueError:
         gm.meta["etp_report"] = {}
     return gm
+
+
+def _restore_call_form(gm: fx.GraphModule, extra: dict) -> None:
+    """Accept the original's call forms again, and record the dynamic dims (older files
+    have neither: they load as torch.export wrote them)."""
+    call = json.loads(extra[_CALL]) if extra[_CALL] else None
+    if call:
+        attach_binder(gm, form_from_json(call))
+    dims = json.loads(extra[_DIMS]) if extra[_DIMS] else None
+    if dims:
+        gm.meta["etp_dynamic_dims"] = {name: {int(d): s for d, s in marks.items()}
+                                       for name, marks in dims.items()}
 
 
 def _read_members(path: Path) -> list[tuple[str, bytes]]:

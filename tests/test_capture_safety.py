@@ -351,6 +351,81 @@ def test_modules_from_torch_export_can_be_traced_and_compressed(tmp_path):
     assert etp_fx.trace(loaded, x).groups
 
 
+class CastsExplicitly(nn.Module):
+    """Names its dtype in forward, as Hugging Face norms do (``x.to(torch.float32)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x).to(torch.float32)
+        return self.b(torch.relu(h) * torch.ones(8, dtype=torch.float32, device=x.device))
+
+
+def test_to_dtype_retargets_the_ops_that_name_the_dtype():
+    """Old behaviour: a .to(float64) export result failed in the graph's own casts
+    ("Tensor dtype mismatch" from _assert_tensor_metadata, or a float32 matmul). Deep
+    copies keep that and the call forms."""
+    model, x = CastsExplicitly().eval(), torch.randn(3, 4)
+    gm = capture(model, (x,), method="export")
+    g64 = copy.deepcopy(gm).to(torch.float64)
+    with torch.no_grad():
+        got = g64(x.double())
+        assert got.dtype == torch.float64
+        # the model itself cannot run in float64 (its cast meets a float64 weight)
+        torch.testing.assert_close(got, model(x).double(), rtol=1e-5, atol=1e-6)
+        assert g64(x=x.double()).dtype == torch.float64  # by keyword, on the copy too
+        assert g64.float()(x).dtype == torch.float32
+        # a device move retargets the graph's device constants (meta stands in for a GPU)
+        assert copy.deepcopy(gm).to("meta")(x.to("meta")).device.type == "meta"
+
+
+def test_fast_path_result_traces_and_compresses_again():
+    """Iterative pruning on a CNN from the fast path: the compressed module is traced and
+    compressed again, and stays a normal module."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    small = etp_fx.compress(model, x, ratio=0.3)
+    assert small.meta["etp_capture"] == "fx"
+    small.train()
+    small.eval()
+    g = etp_fx.trace(small, x)
+    assert [grp.size for grp in g.groups] == [12, 12]
+    smaller = etp_fx.compress(small, x, ratio=0.3)
+    rep = smaller.meta["etp_report"]
+    assert rep["params_after"] < rep["params_before"] == sum(p.numel()
+                                                            for p in small.parameters())
+    with torch.no_grad():
+        assert smaller(torch.randn(3, 3, 20, 20)).shape == (3, 5)
+    assert set(smaller.to(torch.float64).state_dict()) <= set(small.state_dict())
+
+
+class SetsItsConfig(nn.Module):
+    """A forward that writes to its config, as some Hugging Face code paths do."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {})()
+        self.config.use_cache = True
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.config.use_cache = False
+        self.config.seen = True
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["auto", "export"])
+def test_a_config_written_in_forward_is_restored(method):
+    model = SetsItsConfig().eval()
+    etp_fx.trace(model, torch.randn(2, 4), capture=method)
+    assert vars(model.config) == {"use_cache": True}
+
+
 # --- 5. bad models and inputs -----------------------------------------------------------------
 
 def test_a_non_module_is_a_model_error():

@@ -8,18 +8,21 @@ one small vocabulary of ATen ops, so the rule table needs one entry per op inste
 """
 from __future__ import annotations
 
-import inspect
+import contextlib
 import os
 import traceback
-import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
 from ..errors import InputError, ModelError, TraceError
+from .calls import CallForm, attach_binder, bind_call, call_form_for, filler, with_fillers
+from .dynamic import (PinWatch, check_dynamic, dynamic_shapes_for, generic_dims, input_names,
+                      read_dims)
 from .fast import fast_capture
-from .inputs import describe_inputs, eval_mode, untouched
+from .inputs import describe_inputs, eval_mode, outputs_agree, untouched
+from .plain import as_plain_module
 
 __all__ = ["capture", "batch_dynamic_shapes", "as_plain_module"]
 
@@ -80,14 +83,7 @@ def _user_frame(exc: BaseException) -> str:
 def batch_dynamic_shapes(fn: Any, args: tuple, kwargs: dict) -> dict:
     """A ``dynamic_shapes`` spec that lets dim 0 of every tensor input vary (``Dim.AUTO``:
     export keeps it symbolic where the code allows, and specialises it where it does not)."""
-    import torch.utils._pytree as pytree
-    bound = inspect.signature(fn).bind(*args, **kwargs)
-    spec = {}
-    for name, value in bound.arguments.items():
-        spec[name] = pytree.tree_map(
-            lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None,
-            value)
-    return spec
+    return dynamic_shapes_for(fn, args, kwargs, "batch")
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any):
@@ -103,50 +99,6 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any):
         return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
     finally:
         fx_config.do_not_emit_stack_traces = before
-
-
-def as_plain_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Make a module from ``ExportedProgram.module()`` behave like any ``nn.Module`` (in place).
-
-    torch.export returns modules whose ``train()`` and ``eval()`` raise
-    ``NotImplementedError`` and whose lifted constants are plain tensor attributes (which
-    ``.to()`` leaves behind). After this call:
-
-    - ``.train()`` and ``.eval()`` set the flags and nothing else (the flags start in eval).
-      **The graph computes eval-mode semantics whatever the flag says**: it was captured in
-      eval mode, so BatchNorm normalises with its running statistics (training does not
-      update them) and dropout is off. ``meta["etp_mode"]`` records this as ``"eval"``.
-    - ``.to(dtype)`` and ``.to(device)`` move the weights and the constants (now
-      non-persistent buffers); ops in the graph that name a dtype or device keep it.
-    - ``state_dict()`` holds the same keys as the exported program's (constants are not
-      saved).
-
-    Parameters
-    ----------
-    gm : torch.fx.GraphModule
-        From ``ExportedProgram.module()`` or :func:`etp_fx.load` (calling it again, or on
-        another graph module, changes nothing but plain tensor attributes into non-persistent
-        buffers); anything that is not a graph module is returned as it is.
-
-    Returns
-    -------
-    torch.fx.GraphModule
-        ``gm`` itself.
-    """
-    if not isinstance(gm, fx.GraphModule):
-        return gm
-    overrides = [n for n in ("train", "eval") if isinstance(vars(gm).get(n), types.MethodType)]
-    for name in overrides:  # the instance overrides that raise
-        del gm.__dict__[name]
-    for m in gm.modules():
-        if overrides:  # fresh from torch.export: the flags start as what the graph computes
-            m.training = False
-        for name, value in list(vars(m).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-                del m.__dict__[name]
-                m.register_buffer(name, value, persistent=False)
-    gm.meta["etp_mode"] = "eval"
-    return gm
 
 
 def _own_written_state(gm: fx.GraphModule) -> None:
@@ -192,27 +144,54 @@ def _fast_path_off(method: str, on_meta: bool, lazy: bool) -> str | None:
             else "lazy modules" if lazy else None)
 
 
+_UNSET = object()
+
+
+def _dynamic_option(dynamic: Any, dynamic_batch: bool) -> Any:
+    """``dynamic`` as given, or from the older ``dynamic_batch`` switch: True asks for a
+    result for every size the model allows (``"auto"``), False for the example's shapes."""
+    if dynamic is _UNSET:
+        dynamic = "auto" if dynamic_batch else None
+    check_dynamic(dynamic)
+    return dynamic
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             *, check_inputs: bool = True, dynamic_batch: bool = False,
-            method: str = "auto") -> fx.GraphModule:
-    """Export ``model`` on the example inputs and return the ATen-level graph module.
+            dynamic: Any = _UNSET, method: str = "auto") -> fx.GraphModule:
+    """Capture ``model`` on the example inputs as an ATen-level graph module.
 
-    ``method="auto"`` first tries the fast path (:mod:`etp_fx.capture.fast`: ``symbolic_trace``
-    lowered to the same ATen calls, for models built from the modules and functions it
-    knows, without forward hooks) and uses ``torch.export`` for everything else; ``"export"``
-    always exports. The environment variable ``ETP_FX_CAPTURE=export`` forces export
-    everywhere. ``meta["etp_capture_fast_path"]`` of an exported result says why the fast path
-    was not taken.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Left as it was (:func:`untouched`): weights, buffers, flags, hooks, HF config.
+    args, kwargs : tuple, dict
+        Example inputs, in any form the model's forward accepts.
+    check_inputs : bool
+        When the export fails, run the model eagerly to tell wrong inputs (an
+        :class:`InputError` naming the module) from a model torch.export cannot trace.
+    dynamic : {"auto", "batch", None} or dict
+        Input dims the result accepts at other sizes: ``"auto"``, every dim the model's
+        code allows (batch, sequence length, image size, node and edge counts); ``"batch"``,
+        dim 0; None, the example's shapes; or a ``dynamic_shapes`` spec by parameter name.
+        ``meta["etp_dynamic_dims"]`` and ``["etp_pinned_dims"]`` record the outcome and why
+        (:mod:`.dynamic`). Not given: ``dynamic_batch`` decides (True is ``"auto"``).
+    method : {"auto", "export"}
+        ``"auto"`` tries the fast path first (:mod:`.fast`: CNNs built from known modules,
+        no hooks), ``"export"`` always exports (so does ``ETP_FX_CAPTURE=export``);
+        ``meta["etp_capture_fast_path"]`` says why the fast path was not taken.
 
-    Parameters live in the returned module under their original qualified names (as
-    ``get_attr`` nodes); every node carries ``meta["val"]``, a fake tensor with its shape.
-    The model is left as it was (:func:`untouched`): same parameters and buffer values (a
-    counter its forward updates, BatchNorm statistics), same train/eval mode of every
-    submodule, same hooks. An exported result is made a plain module
-    (:func:`as_plain_module`: it computes eval-mode semantics). With ``dynamic_batch``, dim 0
-    of the inputs stays symbolic (sizes in ``meta`` are the example's).
+    Returns
+    -------
+    torch.fx.GraphModule
+        Parameters under their original names (``get_attr`` nodes), ``meta["val"]`` (a fake
+        tensor with its shape) on every node. An exported result is a plain module
+        (:func:`as_plain_module`: eval-mode semantics) that accepts the original's call
+        forms (:mod:`.calls`: positional or keyword, an attention mask or none);
+        ``meta["etp_capture_notes"]`` says what the capture fixed, e.g. ``use_cache=False``.
     """
     kwargs = dict(kwargs or {})
+    dynamic = _dynamic_option(dynamic, dynamic_batch)
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"etp_fx needs a torch.nn.Module as the model, got {type(model).__name__}")
     if any(isinstance(v, torch.Tensor) and v.device.type == "meta"
@@ -226,40 +205,203 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     fallback = _fast_path_off(method, on_meta, lazy)
     with eval_mode(model):
         if fallback is None:
-            gm, fallback = fast_capture(model, args, kwargs, dynamic_batch=dynamic_batch)
+            gm, fallback = fast_capture(model, args, kwargs, dynamic_batch=dynamic is not None)
             if gm is not None:
-                return gm
-        # export reads parameters as fake tensors: only buffers need a copy to restore
-        with untouched(model, copy_parameters=False):
-            if lazy and check_inputs and not on_meta:
-                _check_runs(model, args, kwargs)
-                check_inputs = False
-            ep = _export_explained(model, args, kwargs, dynamic_batch,
-                                   check_inputs and not on_meta)
-    gm = as_plain_module(ep.module())
-    _own_written_state(gm)
-    gm.meta["etp_capture"] = "export"
+                return _fast_meta(gm, model, args, kwargs, dynamic)
+        gm = _exported(model, args, kwargs, dynamic, check_inputs and not on_meta,
+                       lazy and check_inputs and not on_meta)
     gm.meta["etp_capture_fast_path"] = fallback  # why the fast path was not taken
     return gm
 
 
-def _export_explained(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
-                      check_inputs: bool) -> Any:
+def _exported(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any,
+              check_inputs: bool, run_first: bool) -> fx.GraphModule:
+    """The export capture: a plain module with its own written state, its dims record and
+    its call binder. ``run_first``: run the model eagerly before (a lazy module)."""
+    # export reads parameters as fake tensors: only buffers need a copy to restore
+    with untouched(model, copy_parameters=False):
+        if run_first:
+            _check_runs(model, args, kwargs)
+            check_inputs = False
+        job = _ExportJob(model, args, kwargs, dynamic, check_inputs)
+        ep = job.run()
+    gm = ep.module()
+    for key in [k for k in gm.meta if k.startswith("etp_")]:
+        # torch.export copies the meta of the module exported: a capture of a compressed
+        # result would inherit its report, its inputs and its capture's verdicts
+        del gm.meta[key]
+    gm = as_plain_module(gm)
+    _own_written_state(gm)
+    job.record(gm)
+    gm.meta["etp_capture"] = "export"
+    return gm
+
+
+def _fast_meta(gm: fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict,
+               dynamic: Any) -> fx.GraphModule:
+    """The dims record of a fast-path capture (it reads no size when dynamic was asked)."""
+    names = input_names(gm.forward, args, kwargs)  # the graph's names (input -> input_1)
+    gm.meta["etp_dynamic"] = dynamic if isinstance(dynamic, str) or dynamic is None else "spec"
+    gm.meta["etp_dynamic_dims"] = generic_dims(names, bool(gm.meta.get("etp_batch_generic")))
+    gm.meta["etp_pinned_dims"] = {}
+    gm.meta["etp_capture_notes"] = []
+    gm.meta["etp_mode"] = "eval"
+    return gm
+
+
+class _ExportJob:
+    """One torch.export of a model: the call form it is exported in (inputs by name, constants
+    such as ``use_cache=False`` injected, neutral masks added), the dynamic dims asked for
+    (with a fallback to fewer when the model's code refuses them), and the record of both."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any,
+                 check_inputs: bool) -> None:
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.dynamic, self.check_inputs = dynamic, check_inputs
+        # a module etp_fx captured before keeps its form: its graph takes exactly those inputs
+        inherited = getattr(model, "meta", {}).get("etp_call") if \
+            isinstance(getattr(model, "meta", None), dict) else None
+        self.inherited = isinstance(inherited, CallForm)
+        self.form = inherited if self.inherited else self._form()
+        self.call = (args, kwargs) if self.form is None else \
+            ((), bind_call(self.form, args, kwargs))
+        self.spec: Any = None
+        self.exported_with: Any = None  # the dynamic mode of the export that succeeded
+        self.watch: PinWatch | None = None
+        self.notes: list[str] = []
+
+    def _form(self) -> CallForm | None:
+        """The call form, with the mask fillers that give the model's own output."""
+        form = call_form_for(self.model, self.args, self.kwargs)
+        if form is None or not form.fillers:
+            return form
+        kept = {}
+        if self.check_inputs:
+            named = bind_call(with_fillers(form, {}), self.args, self.kwargs)
+            kept = _fillers_that_agree(self.model, form, named)
+        return with_fillers(form, kept)
+
+    def run(self) -> Any:
+        """Export at the dims asked for; ``"auto"`` falls back to ``"batch"``, then to static
+        shapes, when the model's code refuses to trace with them symbolic."""
+        tries = [self.dynamic] + ([d for d in ("batch", None) if d != self.dynamic]
+                                  if self.dynamic == "auto" else [])
+        for k, dynamic in enumerate(tries):
+            last = k == len(tries) - 1
+            try:
+                return self._export(dynamic, explain=last)
+            except TraceError as e:
+                if last:
+                    raise
+                self.notes.append(f"dynamic={dynamic!r} could not be traced "
+                                  f"({str(e).splitlines()[0]}); captured with "
+                                  f"dynamic={tries[k + 1]!r}")
+        raise AssertionError("unreachable")
+
+    def _export(self, dynamic: Any, explain: bool) -> Any:
+        args, kwargs = self.call
+        self.exported_with = dynamic
+        self.spec = _spec_for(self.model, self.form, args, kwargs, dynamic)
+        inject = None if self.inherited else self.form
+        with _injected(self.model, inject), PinWatch(self.model) as self.watch:
+            return _export_explained(self.model, args, kwargs, self.spec,
+                                     self.check_inputs and explain, self.args, self.kwargs)
+
+    def record(self, gm: fx.GraphModule) -> None:
+        """What the capture fixed, which dims stayed dynamic, and the call binder."""
+        examples = dict(input_names(self.model.forward, *self.call))
+        dims, pinned = read_dims(gm, examples, self.exported_with, self.spec, self.watch)
+        gm.meta["etp_dynamic"] = self.dynamic if isinstance(self.dynamic, str) or \
+            self.dynamic is None else "spec"
+        gm.meta["etp_dynamic_dims"], gm.meta["etp_pinned_dims"] = dims, pinned
+        if self.form is not None:
+            if self._without_cache():
+                gm.meta["etp_use_cache"] = False
+                self.notes.append("captured with use_cache=False: the graph computes the "
+                                  "outputs without a key/value cache")
+            for name in self.form.fillers:
+                self.notes.append(f"{name} is an input of the graph (ones when left out)")
+            attach_binder(gm, self.form)
+        gm.meta["etp_capture_notes"] = self.notes
+
+    def _without_cache(self) -> bool:
+        """Did etp_fx (not the user) turn the key/value cache off?"""
+        if self.inherited:
+            return self.model.meta.get("etp_use_cache") is False
+        given = call_form_for(self.model, self.args, self.kwargs, inject_use_cache=False)
+        return self.form.constants.get("use_cache") is False and \
+            given is not None and "use_cache" not in given.constants
+
+
+def _spec_for(model: torch.nn.Module, form: CallForm | None, args: tuple, kwargs: dict,
+              dynamic: Any) -> Any:
+    """The ``dynamic_shapes`` for exporting ``model`` on ``(args, kwargs)``; a positional spec
+    given for a model exported by keyword is keyed by the forward's parameter names."""
+    if isinstance(dynamic, (tuple, list)) and form is not None:
+        dynamic = {n: s for n, s in zip(form.names, dynamic) if n in kwargs}
+    return dynamic_shapes_for(model.forward, args, kwargs, dynamic)
+
+
+@contextlib.contextmanager
+def _injected(model: torch.nn.Module, form: CallForm | None) -> Iterator[None]:
+    """While exporting, add the form's constants (``use_cache=False``) to the model's call,
+    so that the exported signature holds only the tensor inputs. Removed afterwards."""
+    if form is None or not form.constants:
+        yield
+        return
+
+    def add_constants(module, args, kwargs):
+        return args, {**form.constants, **kwargs}
+    handle = model.register_forward_pre_hook(add_constants, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _fillers_that_agree(model: torch.nn.Module, form: CallForm, named: dict) -> dict:
+    """The mask fillers that leave the model's output as it is on the example (a model may
+    treat "no mask" differently from "a mask of ones"); none if the model does not run."""
+    masks = {name: filler(form, name, named) for name in form.fillers}
+    masks = {k: v for k, v in masks.items() if v is not None}
+    if not masks:
+        return {}
+    try:
+        with untouched(model, copy_parameters=False), torch.no_grad():
+            without = model(**named, **form.constants)
+            with_masks = model(**named, **masks, **form.constants)
+    except Exception:  # noqa: BLE001 - the export reports what is wrong with the inputs
+        return {}
+    if not outputs_agree(without, with_masks, 1e-5):
+        return {}
+    return {k: form.fillers[k] for k in masks}
+
+
+def _export_explained(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any,
+                      check_inputs: bool, given_args: tuple, given_kwargs: dict) -> Any:
     """``torch.export`` of the model, or a :class:`TraceError` (an :class:`InputError` when
     the model does not run eagerly on the inputs either) that says where and what to try."""
     try:
-        dyn = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic_batch else None
         return _export(model, args, kwargs, dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with advice
         # only now run the model eagerly: when it does not run on these inputs either, the
         # inputs are wrong, and the eager error names the module (an InputError)
         if check_inputs:
-            _check_runs(model, args, kwargs)
+            _check_runs(model, given_args, given_kwargs)
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
-            f"  at {_user_frame(e)}\n"
-            f"What to try: make data-dependent Python control flow depend on shapes only, "
-            f"replace .item()/.tolist() on tensors, or wrap the offending layer as a "
-            f"torch.library custom op and register an etp_fx rule for it "
-            f"(docs/rules.md).") from e
+            f"  at {_user_frame(e)}\n{_advice(e)}") from e
+
+
+def _advice(e: BaseException) -> str:
+    """What to try after a failed export: about the output when it holds an object torch
+    cannot flatten (a key/value cache), else about data-dependent code."""
+    text = str(e)
+    if "in output" in text and "not a known type" in text:
+        return ("What to try: the model returns an object torch.export cannot flatten (a "
+                "key/value cache when use_cache=True was passed): leave use_cache out (etp_fx "
+                "then captures with use_cache=False), or return tensors only.")
+    return ("What to try: make data-dependent Python control flow depend on shapes only, "
+            "replace .item()/.tolist() on tensors, or wrap the offending layer as a "
+            "torch.library custom op and register an etp_fx rule for it (docs/rules.md).")

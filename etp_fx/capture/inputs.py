@@ -7,6 +7,7 @@ tracing, exporting or running the model eagerly leaves it exactly as it was give
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -16,9 +17,10 @@ import torch.utils._pytree as pytree
 from torch.export._tree_utils import reorder_kwargs
 
 from ..errors import InputError, ModelError
+from .calls import as_captured, bound_inputs
 
 __all__ = ["normalize_inputs", "describe_inputs", "eval_mode", "flat_inputs", "untouched",
-           "check_model_and_inputs", "check_deterministic"]
+           "check_model_and_inputs", "check_deterministic", "outputs_agree"]
 
 
 def normalize_inputs(example_inputs: Any, kwargs: Mapping[str, Any] | None = None
@@ -75,11 +77,20 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The flat placeholder values of an exported module for these inputs."""
+    """The flat placeholder values of a captured module for these inputs, given in any form
+    the module accepts (positionally or by keyword, optional inputs left out: the capture's
+    call form binds them, :mod:`etp_fx.capture.calls`)."""
+    args, kwargs = bound_inputs(gm, args, kwargs)
     spec = gm._in_spec
     flat, got = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    if got != spec:  # kwargs order may differ: reorder by the exported signature
-        flat, _ = pytree.tree_flatten((tuple(args), reorder_kwargs(dict(kwargs), spec)))
+    if got == spec:
+        return flat
+    if spec.num_children == 2 and spec.child(1).num_children == 0 and kwargs:
+        # a positional capture (the fast path) called by keyword: bind to its forward's names
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+        return pytree.tree_flatten((tuple(bound.arguments.values()), {}))[0]
+    # kwargs order may differ: reorder by the exported signature
+    flat, _ = pytree.tree_flatten((tuple(args), reorder_kwargs(dict(kwargs), spec)))
     return flat
 
 
@@ -103,6 +114,27 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+class _ConfigSnapshot:
+    """The attributes of every ``config`` object the modules hold (a Hugging Face
+    ``PretrainedConfig``, shared by all of a model's submodules): a forward or a capture that
+    sets ``config.use_cache`` or ``config._attn_implementation`` is undone."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.saved: dict[int, tuple[Any, dict]] = {}
+        for m in model.modules():
+            config = vars(m).get("config")
+            if config is not None and id(config) not in self.saved and \
+                    hasattr(config, "__dict__") and not isinstance(config, torch.nn.Module):
+                self.saved[id(config)] = (config, dict(vars(config)))
+
+    def restore(self) -> None:
+        for config, attrs in self.saved.values():
+            now = vars(config)
+            if now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items()):
+                now.clear()
+                now.update(attrs)
+
+
 class _Snapshot:
     """What :func:`untouched` restores: flags, slot dicts, and the values, ``requires_grad``
     and version counters of every parameter and buffer (values copied for buffers, and for
@@ -111,6 +143,7 @@ class _Snapshot:
     def __init__(self, model: torch.nn.Module, copy_parameters: bool) -> None:
         self.modules, self.flags, self.slots = [], [], []
         self.tensors: dict[int, tuple] = {}
+        self.configs = _ConfigSnapshot(model)
         for prefix, m in model.named_modules():  # one walk: this runs on every trace
             state = vars(m)
             self.modules.append(m)
@@ -126,6 +159,7 @@ class _Snapshot:
 
     def restore(self) -> list[str]:
         """Put everything back; the names of parameters that changed and had no copy."""
+        self.configs.restore()
         for m, flag, slots in zip(self.modules, self.flags, self.slots):
             m.training = flag
             for s, saved in slots.items():
@@ -158,11 +192,12 @@ class _Snapshot:
 def untouched(model: torch.nn.Module, *, copy_parameters: bool = True) -> Iterator[None]:
     """Run a capture or an eager forward, then leave ``model`` exactly as it was given.
 
-    Restored: every submodule's train/eval flag, the entries of its parameter and buffer
-    dicts (a forward that reassigns ``self.count = self.count + 1``), its forward hooks (any
-    added meanwhile are removed), the values of buffers (a counter, BatchNorm running
-    statistics) and parameters (updated in place), and ``requires_grad``. Lazy modules keep
-    the parameters their first call gave them.
+    Restored: every submodule's train/eval flag, the attributes of its ``config`` object
+    (Hugging Face), the entries of its parameter and buffer dicts (a forward that reassigns
+    ``self.count = self.count + 1``), its forward hooks (any added meanwhile are removed),
+    the values of buffers (a counter, BatchNorm running statistics) and parameters (updated
+    in place), and ``requires_grad``. Lazy modules keep the parameters their first call gave
+    them.
 
     ``copy_parameters=False`` saves copying every weight where nothing can write to them (the
     fast path traces parameters as proxies, torch.export as fake tensors); a parameter whose
@@ -260,7 +295,7 @@ def check_model_and_inputs(model: Any, args: tuple, kwargs: dict) -> None:
     _check_inputs(args, kwargs)
 
 
-def _same(a: Any, b: Any, rtol: float) -> bool:
+def outputs_agree(a: Any, b: Any, rtol: float) -> bool:
     """Two outputs of the same model on the same inputs agree (tensors up to ``rtol`` of the
     output's scale: a GPU kernel may round differently from call to call)."""
     fa, sa = pytree.tree_flatten(a)
@@ -303,11 +338,12 @@ def check_deterministic(model: torch.nn.Module, args: tuple, kwargs: dict,
     """
     devices = sorted({t.device.index or 0 for t in model.parameters()
                       if t.device.type == "cuda"})
+    args, kwargs = as_captured(model, args, kwargs)  # use_cache=False, as it is captured
     with torch.random.fork_rng(devices=devices), eval_mode(model), untouched(model), \
             torch.no_grad():
         first = model(*args, **kwargs)
         second = model(*args, **kwargs)
-    if not _same(first, second, rtol):
+    if not outputs_agree(first, second, rtol):
         raise ModelError(
             f"{type(model).__name__} is not deterministic: two runs in eval mode on the same "
             f"example inputs {describe_inputs(args, kwargs)} give different outputs, so a "

@@ -11,9 +11,12 @@ from .signature import signature_of, structure_of
 
 __all__ = ["trace", "trace_args", "signature_of", "structure_of"]
 
+_UNSET = object()  # dynamic not given: dynamic_batch decides
+
 
 def trace(model: torch.nn.Module, example_inputs: Any, *,
-          kwargs: Mapping[str, Any] | None = None, capture: str = "auto") -> DependencyGraph:
+          kwargs: Mapping[str, Any] | None = None, capture: str = "auto",
+          dynamic: Any = None) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and build its coupled-channel dependency graph.
 
     Parameters
@@ -30,6 +33,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
         where every module and function is one the fast path knows (most CNNs; several
         times faster) and uses ``torch.export`` otherwise; ``"export"`` always exports. Both
         give the same graph (``docs/design.md``).
+    dynamic : {None, "auto", "batch"} or dict
+        Which input dims the capture keeps symbolic (see :func:`etp_fx.capture.capture`):
+        None (default), the example's shapes; ``"auto"``, every dim the model's code allows;
+        ``"batch"``, dim 0; or a ``torch.export`` ``dynamic_shapes`` spec. The groups are the
+        same either way; ``graph.module.meta["etp_dynamic_dims"]`` and
+        ``["etp_pinned_dims"]`` record which dims stayed dynamic and why the others did not.
 
     Returns
     -------
@@ -44,18 +53,23 @@ def trace(model: torch.nn.Module, example_inputs: Any, *,
     [('0.weight[0]', 8)]
     """
     args, kw = normalize_inputs(example_inputs, kwargs)
-    return trace_args(model, args, kw, method=capture)
+    return trace_args(model, args, kw, method=capture, dynamic=dynamic)
 
 
 def trace_args(model: torch.nn.Module, args: tuple, kwargs: dict,
-               dynamic_batch: bool = False, method: str = "auto") -> DependencyGraph:
+               dynamic_batch: bool = False, method: str = "auto",
+               dynamic: Any = _UNSET) -> DependencyGraph:
     """:func:`trace` on already normalised positional and keyword inputs.
 
-    The model and inputs are checked first (:func:`etp_fx.capture.check_model_and_inputs`:
-    not a module, quantized or sparse weights, an empty batch, NaN/Inf inputs), without
-    running the model."""
+    ``dynamic`` as for :func:`etp_fx.capture.capture`; when it is not given,
+    ``dynamic_batch=True`` asks for every dim the model allows (``"auto"``). The model and
+    inputs are checked first (:func:`etp_fx.capture.check_model_and_inputs`: not a module,
+    quantized or sparse weights, an empty batch, NaN/Inf inputs), without running the
+    model."""
     check_model_and_inputs(model, args, kwargs)
-    gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch, method=method)
+    if dynamic is _UNSET:
+        dynamic = "auto" if dynamic_batch else None
+    gm = capture(model, args, kwargs, dynamic=dynamic, method=method)
     return build_graph(gm, signature_of(model), structure_of(model))
 
 
