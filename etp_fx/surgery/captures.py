@@ -55,7 +55,8 @@ def _reusable(graph: DependencyGraph, model, args: tuple, kw: dict, dynamic_batc
     shapes, holding for any batch size when a batch-dynamic result is wanted."""
     if graph.structure != structure_of(model) or not fits(graph.module, args, kw):
         return False
-    if dynamic_batch and not graph.module.meta.get("etp_batch_generic"):
+    meta = graph.module.meta
+    if dynamic_batch and not (meta.get("etp_batch_generic") or meta.get("etp_dynamic") == "auto"):
         return False
     return _runs_like(graph, model, args, kw)
 
@@ -154,4 +155,11 @@ def _same_input(m: Any, v: Any) -> bool:
     if not isinstance(v, torch.Tensor):
         return True
     return v.dtype == m.dtype and len(v.shape) == len(m.shape) and all(
-        isinstance(a, int) and a == b for a, b in zip(m.shape, v.shape))
+        _hint(a) == b for a, b in zip(m.shape, v.shape))
+
+
+def _hint(size: Any) -> int | None:
+    """A traced size: an int, or the example value a symbolic size was traced at."""
+    if isinstance(size, int):
+        return size
+    return getattr(getattr(size, "node", None), "hint", None)

@@ -87,7 +87,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     allow_approximate : bool
         Allow removing units of approximate groups; their deviation is reported, not raised.
     dynamic_batch : bool
-        Accept any batch size where the model's code allows (checked at another batch).
+        Accept every input size the model's code allows (batch, sequence length, image size,
+        node and edge counts; checked at another batch), else the example's sizes only.
     output : {"graph", "module"}
         ``"graph"``: a dense ``torch.fx.GraphModule``. ``"module"``: a deep copy of ``model``
         in its own class with smaller tensors and updated size attributes (a Hugging Face
@@ -109,13 +110,10 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     True
     """
     verify, rtol = _verify_option(verify)
-    if output == "module":
+    if _module_output(output):
         return compress_module(model, example_inputs, selection, graph=graph, verify=verify,
                                rtol=rtol, keep_constants=keep_constants,
                                allow_approximate=allow_approximate, **select_forms)
-    if output != "graph":
-        raise OptionError(f"output must be 'graph' (a dense GraphModule) or 'module' (your "
-                          f"model's own class); got {output!r}")
     selection = selection_from(selection, **select_forms)
     args, kw, graph = _prepared(model, example_inputs, graph, rtol)
     plan = _select(selection, graph, model, allow_approximate)                     # select
@@ -123,15 +121,28 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     job = Job(model, graph, base, plan, traced, (args, kw),
               selection.keeps_constants if keep_constants is None else keep_constants,
               tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
-    try:
-        small = _surgery(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify,
-    except FoldError:          # report; input-dependent values may come from a random forward
-        check_deterministic(model, args, kw)
-        raise
+    small = _surgery_of(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify
     failed = _failed_checks(small)
     if failed and not _approximate(graph, plan):
         raise _refusal(job, failed)
     return small
+
+
+def _module_output(output: Any) -> bool:
+    if output not in ("graph", "module"):
+        raise OptionError(f"output must be 'graph' (a dense GraphModule) or 'module' (your "
+                          f"model's own class); got {output!r}")
+    return output == "module"
+
+
+def _surgery_of(job: Job) -> fx.GraphModule:
+    """:func:`_surgery`, naming a random or stateful forward when it makes values that look
+    input-dependent to the fold planner."""
+    try:
+        return _surgery(job)
+    except FoldError:
+        check_deterministic(job.model, *job.example)
+        raise
 
 
 def _verify_option(verify: Any) -> tuple[bool, float | None]:
@@ -295,7 +306,10 @@ def _report(job: Job, g2: DependencyGraph, gm: fx.GraphModule, fold_lines: list[
     report = {"params_before": cost.params(), "params_after": counted,
               "macs_before": cost.macs(), "macs_after": cost.macs(widths),
               "macs_counted_at": describe_inputs(*at), "groups": groups, "folds": fold_lines,
-              "batch_dynamic": batch_dynamic(gm), "verified": verified}
+              "batch_dynamic": batch_dynamic(gm), "verified": verified,
+              "capture_notes": list(job.base.module.meta.get("etp_capture_notes", [])),
+              "dynamic_dims": job.base.module.meta.get("etp_dynamic_dims"),
+              "pinned_dims": job.base.module.meta.get("etp_pinned_dims")}
     return report | _headline(verified)
 
 
