@@ -110,7 +110,6 @@ def test_llama_gqa_heads_and_config():
     changes num_key_value_groups; the config and every attention module agree."""
     torch.manual_seed(0)
     model, inputs = llama()
-    g = etp_fx.trace(model, inputs)
     kv = "model.layers.{}.self_attn.q_proj.weight[0].0"
     rep = "model.layers.{}.self_attn.q_proj.weight[0].1"
     plan = {kv.format(0): [1], kv.format(1): [0], rep.format(0): [0], rep.format(1): [1]}
@@ -198,7 +197,7 @@ def test_uniform_widths_reload_with_plain_transformers_in_a_fresh_process(tmp_pa
     torch.manual_seed(0)
     model, inputs = llama()
     small = compress_module(model.eval(), inputs,
-                            etp_fx.Ratio(0.5, include=["head", "neuron"]), uniform=True,
+                            etp_fx.Ratio(0.5, include=["head", "neuron"], uniform=True),
                             keep_constants=False)
     rep = small.etp_report
     assert rep["config_exact"], rep["config"]
@@ -216,6 +215,33 @@ with torch.no_grad():
     with torch.no_grad():
         ref = small(x).logits
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_compress_with_a_uniform_ratio_for_both_outputs(output):
+    """``compress(..., ratio=0.3, uniform=True)``: every layer loses as many units of each
+    role, in the graph output (every exact group) and the module output (heads and neurons a
+    module can shrink, so the config describes the result)."""
+    from etp_fx.regularise.uniform import role_of
+    torch.manual_seed(0)
+    model, inputs = llama()
+    g = etp_fx.trace(model.eval(), inputs)
+    small = etp_fx.compress(model, inputs, ratio=0.3, uniform=True, keep_constants=False,
+                            graph=g, output=output)
+    rep = small.meta["etp_report"] if output == "graph" else small.etp_report
+    assert all(v["passed"] for v in rep["verified"])
+    layers = {}
+    for gid, r in rep["groups"].items():
+        layers.setdefault(role_of(gid), set()).add((gid, r["new"]))
+    assert any("mlp" in role for role in layers)
+    twins = {}  # groups per role in the graph (RoPE's q/k dims are one group for all layers)
+    for grp in g.groups:
+        twins[role_of(grp.id)] = twins.get(role_of(grp.id), 0) + 1
+    for role, entries in layers.items():  # every group of the role, one new width
+        assert len(entries) == twins[role] and len({new for _, new in entries}) == 1, entries
+    if output == "module":
+        assert rep["config_exact"], rep["config"]
+        assert {layer.mlp.intermediate_size for layer in small.model.layers} == {96 - 28}
 
 
 @pytest.mark.parametrize("which", ["llama_per_layer", "qwen2_per_layer", "gpt2"])

@@ -13,7 +13,7 @@ from etp_fx.errors import ModuleOutputError
 from etp_fx.surgery.module_attrs import apply_widths, inexpressible_groups
 from etp_fx.surgery.module_output import compress_module, other_inputs
 from etp_fx.regularise.norms import unit_norms
-from etp_fx.surgery.uniform import role_of, uniform_plan
+from etp_fx.regularise.uniform import role_of
 
 
 def module_plan_for(graph, frac=0.3, seed=0):
@@ -229,7 +229,7 @@ def test_norm_over_the_pruned_width_is_never_selected():
             compress_module(net, x, remove={"0.weight[0]": [0]}, graph=g)
 
 
-def test_uniform_plan_removes_the_same_count_per_layer():
+def test_uniform_selection_removes_the_same_count_per_layer():
     torch.manual_seed(0)
     blocks = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
               for _ in range(3)]
@@ -241,7 +241,7 @@ def test_uniform_plan_removes_the_same_count_per_layer():
     sel = etp_fx.Ratio(0.5, scope="global")
     plain = sel.select(g, net)
     assert len({len(u) for u in plain.values()}) > 1 or len(plain) < 3
-    plan = uniform_plan(g, net, sel)
+    plan = etp_fx.Ratio(0.5, scope="global", uniform=True).select(g, net)
     hidden = [grp.id for grp in g.groups if grp.size == 16]
     assert len(hidden) == 3 and len({role_of(gid) for gid in hidden}) == 1
     counts = {len(plan.get(gid, [])) for gid in hidden}
@@ -250,10 +250,14 @@ def test_uniform_plan_removes_the_same_count_per_layer():
     norms = unit_norms(g, net)
     for gid in hidden:  # in each layer, that layer's weakest units
         assert set(plan[gid]) == set(norms[gid].argsort(kind="stable")[: len(plan[gid])].tolist())
-    small = compress_module(net, torch.randn(2, 8), sel, uniform=True, graph=g)
+    # compress_module passes the selection through: the option applies as it is
+    small = compress_module(net, torch.randn(2, 8), ratio=0.5, scope="global", uniform=True,
+                            graph=g)
     assert {b[0].out_features for b in small} == {16 - counts.pop()}
-    with pytest.raises(etp_fx.SelectionError):
-        uniform_plan(g, net, etp_fx.Plan({}))
+    with pytest.raises(etp_fx.SelectionError, match="norm-based"):
+        compress_module(net, torch.randn(2, 8), remove={hidden[0]: [0]}, uniform=True, graph=g)
+    with pytest.raises(etp_fx.SelectionError, match="not both"):  # an option of the selection
+        compress_module(net, torch.randn(2, 8), sel, uniform=True, graph=g)
 
 
 def test_original_is_untouched_and_selection_options_apply():

@@ -149,12 +149,27 @@ def test_heads_go_whole_and_approximate_groups_need_consent():
     plan = select.by_threshold(g, vit, 0.0, include=["head"])
     assert plan == {heads.id: [2]}
     assert attn.in_proj_weight.shape[0] == 48  # a head is 4 rows of each of q, k and v
+    # a product over the features: removing zeroed features changes it (approximate)
+    model = ProdMix()
+    g = etp_fx.trace(model, torch.randn(2, 4))
     approx = [grp.id for grp in g.groups if not grp.exact]
-    assert approx
-    ratio = select.by_ratio(g, vit, 0.5)
+    assert approx == ["a.weight[0]"]
+    ratio = select.by_ratio(g, model, 0.5)
     assert not set(ratio) & set(approx)
-    ratio = select.by_ratio(g, vit, 0.5, allow_approximate=True)
+    ratio = select.by_ratio(g, model, 0.5, allow_approximate=True)
     assert set(approx) <= set(ratio)
+
+
+class ProdMix(nn.Module):
+    """An exact group (``b``'s outputs) and an approximate one (``a``'s, reduced by a product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h))) + h.prod(-1, keepdim=True)
 
 
 def test_bad_selection_arguments(net):
@@ -187,3 +202,60 @@ def test_official_clipping_callback():
     assert (m.c2.weight[0, 2] == 6e-4).all()
     assert m.c1.bias[0].item() == pytest.approx(1e-5)
     assert clip.history == [(1, zeros)]
+
+
+# --- uniform=True: the same count in every repeated block ----------------------------------
+
+def _blocks(n=3):
+    """``n`` MLP blocks of unequal scale: a per-layer selection keeps different widths."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(n)]
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            b[0].weight.mul_(0.2 + i)
+    net = nn.Sequential(*blocks).eval()
+    return net, etp_fx.trace(net, torch.randn(2, 8))
+
+
+def _counts(plan, graph):
+    hidden = [grp.id for grp in graph.groups if grp.size == 16]
+    return [len(plan.get(gid, [])) for gid in hidden]
+
+
+@pytest.mark.parametrize("sel", [etp_fx.Ratio(0.3, scope="global", normalize=None),
+                                 etp_fx.Budget(params=0.7, normalize=None),
+                                 etp_fx.Threshold(0.6)], ids=["ratio", "budget", "threshold"])
+def test_uniform_selection_removes_the_same_count_per_layer(sel):
+    import dataclasses
+    from etp_fx.regularise.uniform import role_of
+    net, g = _blocks()
+    plain = _counts(sel.select(g, net), g)
+    assert len(set(plain)) > 1, plain  # the test is not vacuous: per layer they differ
+    uniform = dataclasses.replace(sel, uniform=True)
+    plan = uniform.select(g, net)
+    counts = _counts(plan, g)
+    assert len(set(counts)) == 1 and counts[0] == int(sum(plain) / len(plain) + 0.5)
+    norms = select.unit_norms(g, net)
+    for gid, units in plan.items():  # each layer loses its own weakest units
+        weakest = np.argsort(np.asarray(norms[gid]), kind="stable")[: len(units)]
+        assert sorted(units) == sorted(int(i) for i in weakest)
+    assert {role_of(gid) for gid in plan} == {"*.0.weight[0]"}  # the hidden MLP width
+    assert uniform.select(g, None, norms=norms) == plan  # norms given instead of the model
+
+
+def test_uniform_applies_to_compress_and_is_refused_for_a_plan():
+    net, g = _blocks()
+    x = torch.randn(4, 8)
+    small = etp_fx.compress(net, x, ratio=0.3, scope="global", normalize=None, uniform=True,
+                            graph=g)
+    groups = small.meta["etp_report"]["groups"]
+    widths = {r["new"] for gid, r in groups.items() if r["old"] == 16}
+    assert len(widths) == 1 and widths != {16} and len(groups) == 3, groups
+    assert small(torch.randn(3, 8)).shape == (3, 8)  # verified against the zeroed original
+    with pytest.raises(SelectionError, match="norm-based"):
+        etp_fx.Plan({"0.0.weight[0]": [0]}, uniform=True)
+    with pytest.raises(SelectionError, match="norm-based"):
+        etp_fx.compress(net, x, remove={"0.0.weight[0]": [0]}, uniform=True)
+    with pytest.raises(SelectionError, match="uniform must be True or False"):
+        etp_fx.Ratio(0.3, uniform="yes")
+    assert etp_fx.Plan({"0.0.weight[0]": [0]}).uniform is False

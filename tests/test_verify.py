@@ -84,17 +84,23 @@ def test_non_finite_keyword_input_is_named():
         etp_fx.compress(KW().eval(), inputs, remove={"fc.weight[0]": [0]})
 
 
+class _Overflow(_Classes):
+    """Returns Inf (or NaN) on any input."""
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) / 0.0
+
+
+class _Nothing(_Classes):
+    """Returns a tensor without elements."""
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))[:, :0]
+
+
 def test_non_finite_reference_output_is_refused():
-    class Overflow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x))) / 0.0  # Inf (or NaN) on any input
-
     with pytest.raises(etp_fx.VerificationError, match="output is NaN or Inf on these inputs"):
-        etp_fx.compress(Overflow().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]})
+        etp_fx.compress(_Overflow().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]})
 
 
 # --- 2. integer outputs are compared exactly; no output is no pass ----------------------------
@@ -111,17 +117,9 @@ def test_integer_outputs_are_compared_exactly(monkeypatch):
 
 
 def test_a_model_with_no_output_to_compare_does_not_pass():
-    class Nothing(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))[:, :0]  # no elements
-
     with pytest.raises(etp_fx.VerificationError, match="nothing to verify"):
-        etp_fx.compress(Nothing().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]})
-    small = etp_fx.compress(Nothing().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]},
+        etp_fx.compress(_Nothing().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]})
+    small = etp_fx.compress(_Nothing().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]},
                             verify=False)
     assert small.meta["etp_report"]["verified"] == []
 
@@ -293,3 +291,83 @@ def test_a_real_difference_in_float16_is_still_caught(monkeypatch):
     with pytest.raises(etp_fx.VerificationError, match="In float64 too.*etp_fx bug"):
         etp_fx.compress(_cnn().half(), torch.randn(2, 3, 8, 8).half(),
                         remove={"0.weight[0]": [0]})
+
+
+# --- 9. the module output is verified the same way -------------------------------------------
+
+MO = sys.modules["etp_fx.surgery.module_output"]
+
+
+def test_module_output_reports_verification_as_the_graph_output_does():
+    x = torch.randn(4, 5)
+    graph = etp_fx.compress(_mlp(), x, ratio=0.3).meta["etp_report"]["verified"]
+    module = etp_fx.compress(_mlp(), x, ratio=0.3, output="module").etp_report
+    assert [v["check"] for v in module["verified"]] == ["example", "other shape"]
+    for g, m in zip(graph, module["verified"]):
+        assert set(g) == set(m) and m["passed"] and m["tolerance"] == g["tolerance"] == 1e-5
+    assert module["checked"] == ["the example inputs", "batch 5"]
+    assert module["max_abs_diff"] == module["verified"][0]["max_abs_diff"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_module_output_tolerance_follows_the_dtype(dtype):
+    model, x = _mlp().to(dtype), torch.randn(4, 5, dtype=dtype)
+    rep = etp_fx.compress(model, x, ratio=0.3, output="module").etp_report
+    for v in rep["verified"]:
+        assert v["dtype"] == str(dtype).replace("torch.", "") and v["passed"]
+        assert v["tolerance"] == etp_fx.surgery.verify.TOLERANCES[dtype]
+
+
+def test_module_output_refuses_what_cannot_be_verified():
+    with pytest.raises(etp_fx.VerificationError, match="output is NaN or Inf on these inputs"):
+        etp_fx.compress(_Overflow().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]},
+                        output="module")
+    with pytest.raises(etp_fx.VerificationError, match="nothing to verify"):
+        etp_fx.compress(_Nothing().eval(), torch.randn(3, 4), remove={"a.weight[0]": [1]},
+                        output="module")
+
+
+def test_module_output_compares_integer_outputs_exactly(monkeypatch):
+    torch.manual_seed(0)
+    model, x = _Classes().eval(), torch.randn(16, 4)
+    real = MO.add_fold_biases
+
+    def corrupt(small, folds):  # sabotage: every row of the result now says class 0
+        with torch.no_grad():
+            small.b.bias[0] += 100.0
+        return real(small, folds)
+    monkeypatch.setattr(MO, "add_fold_biases", corrupt)
+    with pytest.raises(etp_fx.ModuleOutputError, match="integer/boolean output element"):
+        etp_fx.compress(model, x, remove={"a.weight[0]": [0, 3]}, output="module")
+    monkeypatch.undo()
+    small = etp_fx.compress(model, x, remove={"a.weight[0]": [0, 3]}, output="module")
+    assert small.etp_report["verified"][0]["exact_elements"] == 16
+
+
+class _Counting(nn.Module):
+    """Counts its calls in a buffer; its output has a hard-coded batch of 2."""
+
+    def __init__(self, fixed_batch=False):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.fixed_batch = fixed_batch
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.b(torch.relu(self.a(x)))
+        return y.reshape(2, 2) if self.fixed_batch else y
+
+
+def test_eager_runs_leave_the_model_and_the_result_untouched():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    model = _Counting().eval()
+    small = etp_fx.compress(model, x, ratio=0.5, output="module")
+    assert int(model.calls) == 0 and int(small.calls) == 0  # verification ran small twice
+    # batch-dynamic: the capture refuses batch 3, so the model itself is run there (and fails)
+    model = _Counting(fixed_batch=True).eval()
+    small = etp_fx.compress(model, x, ratio=0.5)
+    note = small.meta["etp_report"]["verified"][1]["note"]
+    assert "the model itself does not run at batch 3" in note
+    assert int(model.calls) == 0

@@ -17,7 +17,7 @@ import torch.fx as fx
 from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .cost import CostModel
 from .describe import group_networkx, summary_table, to_dot
-from .layout import Axis, Prod, Term, freeze, leaves, resolve, size_of, unify
+from .layout import Axis, Cat, Prod, Term, freeze, leaves, resolve, size_of, unify
 from .rules.table import RuleContext, data_dependent, lookup, size_value
 from .tensors import get_tensor
 
@@ -315,23 +315,42 @@ def _group_id(members, leaf: Axis) -> str:
 def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> str:
     """A label for people: heads and head-dims are the factors of a product in a weight dim.
 
+    In a product that splits a weight dim into heads (``kv heads x query heads per kv head x
+    head dim`` in grouped-query attention, ``heads x head dim`` elsewhere) every factor but the
+    last is a kind of head, and the last is the head dim, also when it is a concatenation (RoPE's
+    rotate-half pairs dim ``j`` with ``j + d/2``: the head dim is the same axis twice), and also
+    when the product is one part of a concatenation (GPT-2's fused ``q | k | v``).
+
     A conv's own channel dim wins over products: a flatten into a Linear makes conv channels
     the major factor of the Linear's input, and they are still channels."""
     weights = [(t, m) for (_, _, t), m in zip(members, mem) if "out" in m.roles or "in" in m.roles]
     if any(resolve(t) is leaf and _ndim(gm, m.name) > 2 for t, m in weights):
         return "channel"
-    for (name, d, t), m in zip(members, mem):
-        r = resolve(t)
-        if ("out" in m.roles or "in" in m.roles) and isinstance(r, Prod):
-            parts = [resolve(p) for p in r.parts]
-            if parts[0] is leaf:
-                return "head"
-            if parts[-1] is leaf:
-                return "head-dim"
-    for m in mem:
-        if "out" in m.roles or "in" in m.roles:
-            return "channel" if _ndim(gm, m.name) > 2 else "neuron"
+    for t, _ in weights:
+        kind = _factor_kind(resolve(t), leaf)
+        if kind is not None:
+            return kind
+    for _, m in weights:
+        return "channel" if _ndim(gm, m.name) > 2 else "neuron"
     return "channel"
+
+
+def _factor_kind(t: Term, leaf: Axis) -> str | None:
+    """``"head"`` or ``"head-dim"`` when ``leaf`` is a factor of a product inside the
+    normal-form layout ``t`` (itself, or inside a concatenation that is the factor), else
+    None."""
+    if isinstance(t, Axis):
+        return None
+    if isinstance(t, Prod):
+        for k, part in enumerate(t.parts):
+            if part is leaf or (isinstance(part, Cat) and _holds(part, leaf)):
+                return "head-dim" if k == len(t.parts) - 1 else "head"
+    for part in t.parts:
+        if _holds(part, leaf):
+            kind = _factor_kind(part, leaf)
+            if kind is not None:
+                return kind
+    return None
 
 
 def _ndim(gm: fx.GraphModule, name: str) -> int:

@@ -10,9 +10,13 @@
 The keyword forms of :func:`etp_fx.compress` (``remove=``, ``threshold=``, ``ratio=``,
 ``target_macs=``, ``target_params=``) are sugar that builds one with :func:`selection_from`.
 Values are checked when they are built, so a mistake is reported before any work starts.
+
+``uniform=True`` on a norm-based selection removes the same number of units in every repeated
+block (:mod:`etp_fx.regularise.uniform`), so one config value describes every layer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -22,6 +26,7 @@ import torch
 from ..errors import PlanError, SelectionError
 from ..graph.plan import check_plan, plan_indices
 from . import select
+from .uniform import uniform_from_plan
 
 __all__ = ["Selection", "Budget", "Ratio", "Threshold", "Plan", "selection_from"]
 
@@ -45,6 +50,11 @@ class Selection:
     units : {"group", "producer"}
         What a unit's norm covers: every coupled slice, or only the producer's rows (must
         match how the model was trained).
+    uniform : bool
+        The same number of units removed in every repeated block (every layer keeps as many
+        heads, key/value heads and MLP neurons): the selection says how many go in all, each
+        role of a block (groups whose ids differ only in the layer index) removes its mean
+        count per layer, each layer its own weakest units (:mod:`etp_fx.regularise.uniform`).
     """
 
     round_to: int | None = field(default=None, kw_only=True)
@@ -52,6 +62,7 @@ class Selection:
     include: Any = field(default=None, kw_only=True)
     norm: str = field(default="l2", kw_only=True)
     units: str = field(default="group", kw_only=True)
+    uniform: bool = field(default=False, kw_only=True)
 
     #: zeroing the units whole (False) or keeping their biases and folding constants (True)
     keeps_constants = True
@@ -65,6 +76,8 @@ class Selection:
             raise SelectionError(f"norm must be one of {_NORMS}, got {self.norm!r}")
         if self.units not in ("group", "producer"):
             raise SelectionError(f"units must be 'group' or 'producer', got {self.units!r}")
+        if not isinstance(self.uniform, bool):
+            raise SelectionError(f"uniform must be True or False, got {self.uniform!r}")
 
     def _common(self) -> dict[str, Any]:
         return dict(round_to=self.round_to, min_keep=self.min_keep, include=self.include,
@@ -73,7 +86,24 @@ class Selection:
     def select(self, graph, model: torch.nn.Module | None, *, norms: Mapping | None = None,
                allow_approximate: bool = False) -> dict[str, list[int]]:
         """The plan ``{group_id: [unit indices to remove]}`` for ``model`` (or ``norms``)."""
+        model = _rankable(model) if norms is None else model
+        if self.uniform:
+            return self._uniform_plan(graph, model, norms, allow_approximate)
+        return self._plan(graph, model, norms, allow_approximate)
+
+    def _plan(self, graph, model, norms, allow_approximate) -> dict[str, list[int]]:
         raise NotImplementedError
+
+    def _uniform_plan(self, graph, model, norms, allow_approximate) -> dict[str, list[int]]:
+        """The plan made uniform across layers; the norms are computed once for both steps."""
+        if norms is None:
+            if model is None:
+                raise SelectionError("give the trained model (or norms=)")
+            norms = select.unit_norms(graph, model, norm=self.norm, units=self.units,
+                                      include=self.include, allow_approximate=allow_approximate)
+        plan = self._plan(graph, None, norms, allow_approximate)
+        return uniform_from_plan(graph, norms, plan, min_keep=self.min_keep,
+                                 round_to=self.round_to)
 
 
 @dataclass(frozen=True)
@@ -104,7 +134,7 @@ class Budget(Selection):
         """The share of the dense model's MACs (or params) to keep."""
         return float(self.macs if self.macs is not None else self.params)
 
-    def select(self, graph, model, *, norms=None, allow_approximate=False):
+    def _plan(self, graph, model, norms, allow_approximate):
         return select.by_budget(graph, model, macs=self.macs, params=self.params,
                                 normalize=self.normalize, norms=norms,
                                 allow_approximate=allow_approximate, **self._common())
@@ -125,7 +155,7 @@ class Ratio(Selection):
         select.check_scope(self.scope)
         select.check_normalize(self.normalize)
 
-    def select(self, graph, model, *, norms=None, allow_approximate=False):
+    def _plan(self, graph, model, norms, allow_approximate):
         return select.by_ratio(graph, model, float(self.ratio), scope=self.scope,
                                normalize=self.normalize, norms=norms,
                                allow_approximate=allow_approximate, **self._common())
@@ -143,7 +173,7 @@ class Threshold(Selection):
         super().__post_init__()
         select.check_threshold(self.threshold, self.relative)
 
-    def select(self, graph, model, *, norms=None, allow_approximate=False):
+    def _plan(self, graph, model, norms, allow_approximate):
         return select.by_threshold(graph, model, float(self.threshold), relative=self.relative,
                                    norms=norms, allow_approximate=allow_approximate,
                                    **self._common())
@@ -157,7 +187,11 @@ class Plan(Selection):
     remove: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     keeps_constants = False
 
-    def __init__(self, remove: Mapping[str, Iterable[int]]) -> None:
+    def __init__(self, remove: Mapping[str, Iterable[int]], *, uniform: bool = False) -> None:
+        if uniform is not False:
+            raise SelectionError("uniform=True needs a norm-based selection (Budget, Ratio or "
+                                 "Threshold), which decides how many units go; a Plan already "
+                                 "says which units go: give every layer the same count in it")
         if not isinstance(remove, Mapping):
             raise PlanError(f"a plan is a dict {{group_id: [unit indices]}}, got "
                             f"{type(remove).__name__}")
@@ -177,7 +211,7 @@ def selection_from(selection: Selection | None = None, *, remove: Any = None,
     Examples
     --------
     >>> selection_from(target_macs=0.25)
-    Budget(round_to=None, min_keep=1, include=None, norm='l2', units='group', macs=0.25, params=None, normalize='mean')
+    Budget(round_to=None, min_keep=1, include=None, norm='l2', units='group', uniform=False, macs=0.25, params=None, normalize='mean')
     >>> selection_from(ratio=0.5, scope="global").scope
     'global'
     """
@@ -202,7 +236,7 @@ def selection_from(selection: Selection | None = None, *, remove: Any = None,
                   "target_params": (Budget, target_params)}[kind]
     _check_options(cls, options)
     if cls is Plan:
-        return Plan(value)
+        return Plan(value, uniform=options.get("uniform", False))
     if cls is Budget:
         return Budget(**{"macs" if kind == "target_macs" else "params": value}, **options)
     return cls(value, **options)
@@ -214,6 +248,14 @@ def _check_options(cls: type, options: Mapping[str, Any]) -> None:
     if unknown:
         raise SelectionError(f"unknown option(s) {unknown} for {cls.__name__}; it takes "
                              f"{allowed or 'no options'}")
+
+
+def _rankable(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """``model``, or a float32 copy of a model with float64 weights: the norm kernel reduces
+    in float32 and refuses float64 (the ranking is the same)."""
+    if model is None or not any(p.dtype == torch.float64 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).float()
 
 
 def _is_int(v: Any) -> bool:

@@ -5,8 +5,10 @@ A ``GraphModule`` computes the right thing but loses the model's Python class: i
 ``generate()`` and its KV cache, ``config``, ``save_pretrained``. Here a deep copy of the model is
 sliced instead: its tensors by the groups' members (:mod:`module_slice`), its size attributes
 and head counts (:mod:`module_attrs`), a Hugging Face config (:mod:`module_config`). The result
-is verified exactly like the graph output: against the zeroed original on the example inputs
-and on inputs of another shape (one more batch element; one token fewer for sequence inputs).
+is verified as the graph output is (:mod:`etp_fx.surgery.verify`: the dtype's tolerance, a
+float64 recheck beyond it, integer outputs exact, NaN or Inf references refused), against the
+zeroed original on the example inputs and on inputs of another shape (one more batch element;
+one token fewer for sequence inputs).
 Whatever a module cannot express (a width its ``forward`` hard-codes, a constant no bias can
 carry, a per-head width) is a :class:`ModuleOutputError` that names the module and suggests
 ``output="graph"``.
@@ -21,8 +23,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.utils._pytree as pytree
 
-from ..capture import eval_mode, normalize_inputs
-from ..errors import ModuleOutputError, PlanError, SelectionError
+from ..capture import describe_inputs, eval_mode, normalize_inputs, untouched
+from ..errors import ModuleOutputError, PlanError, SelectionError, VerificationError
 from ..graph.depgraph import DependencyGraph
 from ..graph.plan import kept_units
 from ..graph.signature import check_model_matches
@@ -30,8 +32,9 @@ from ..graph.trace import trace_args
 from ..regularise.selection import Plan, Selection, selection_from
 from .module_attrs import apply_widths, conv_groups, inexpressible_groups, update_attributes
 from .module_config import update_config
-from .uniform import uniform_plan
 from .module_slice import add_fold_biases, bias_folds, removed_positions, slice_tensors
+from .verify import (Check, check_finite, check_interface, check_rtol, deviation_message,
+                     headline, non_finite, run_checks, tolerance_for)
 from .zero import zero_units
 
 __all__ = ["compress_module", "apply_widths", "module_plan", "other_inputs"]
@@ -40,20 +43,18 @@ __all__ = ["compress_module", "apply_widths", "module_plan", "other_inputs"]
 def compress_module(model: torch.nn.Module, example_inputs: Any,
                     selection: Selection | None = None, *, graph: DependencyGraph | None = None,
                     verify: bool = True, rtol: float | None = None,
-                    keep_constants: bool | None = None,
-                    allow_approximate: bool = False, uniform: bool = False,
+                    keep_constants: bool | None = None, allow_approximate: bool = False,
                     **select_forms: Any) -> torch.nn.Module:
     """Remove units and return a smaller deep copy of ``model``: the same class and methods
     (``generate()``, ``save_pretrained``, ...), tensors sliced, size attributes updated.
 
     Parameters are those of :func:`etp_fx.compress` (``selection`` or one keyword form such as
-    ``ratio=0.3, include=["head", "neuron"]``; ``graph``; ``verify``; ``rtol``;
-    ``keep_constants``; ``allow_approximate``). Norm-based selections only pick groups a module
-    can shrink exactly (never a per-head width, nor a width a norm or softmax reduces over,
-    such as the hidden width); a :class:`etp_fx.Plan` that names one is refused.
-    ``uniform=True`` removes the same number of units in every repeated block
-    (:func:`etp_fx.surgery.uniform.uniform_plan`), so that a Hugging Face config describes
-    every layer and a plain ``from_pretrained`` reloads the result.
+    ``ratio=0.3, include=["head", "neuron"]``; ``graph``; ``verify``; ``rtol``: the tolerance,
+    None for the dtype's; ``keep_constants``; ``allow_approximate``). Norm-based selections
+    only pick groups a module can shrink exactly (never a per-head width, nor a width a norm
+    or softmax reduces over); a :class:`etp_fx.Plan` that names one is refused. With
+    ``uniform=True`` (``ratio=0.3, uniform=True``) every repeated block loses as many units, so
+    a Hugging Face config describes every layer and a plain ``from_pretrained`` reloads it.
 
     Returns
     -------
@@ -61,17 +62,17 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
         ``type(result) is type(model)``; ``model`` is not modified. ``result.etp_report``
         holds params and MACs before and after, each changed group, ``"modules"`` (every
         changed size attribute, ``{module: {attr: [old, new]}}``), ``"tensors"`` (every changed
-        parameter or buffer shape), ``"folds"``, the verified deviation and the shapes checked,
-        and for Hugging Face models ``"config"`` (``{key: [old, new]}``) and
-        ``"config_exact"`` (whether the config alone rebuilds the model, so that a plain
-        ``from_pretrained`` reloads it). :func:`apply_widths` gives a fresh model these widths.
+        parameter or buffer shape), ``"folds"``, ``"verified"`` (one record per check, as the
+        graph output's), ``"checked"`` (the inputs that passed), and for Hugging Face models
+        ``"config"`` (``{key: [old, new]}``) and ``"config_exact"`` (whether a plain
+        ``from_pretrained`` rebuilds it). :func:`apply_widths` gives a fresh model these widths.
 
     Raises
     ------
     ModuleOutputError
         A change the modules cannot express, or a result that differs from the zeroed
         original; the message names the module.
-    FoldError, PlanError, SelectionError
+    FoldError, PlanError, SelectionError, VerificationError
         As :func:`etp_fx.compress`.
 
     Examples
@@ -82,17 +83,18 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
     >>> type(small).__name__, small[0].out_features, small[2].in_features
     ('Sequential', 6, 6)
     """
+    check_rtol(rtol)
     selection = selection_from(selection, **select_forms)
     args, kw = normalize_inputs(example_inputs)
     graph = graph if graph is not None else trace_args(model, args, kw)
     check_model_matches(graph, model)
-    plan = module_plan(graph, model, selection, allow_approximate, uniform)
+    plan = module_plan(graph, model, selection, allow_approximate)
     keep_constants = selection.keeps_constants if keep_constants is None else keep_constants
     zeroed = zero_units(copy.deepcopy(model), graph, plan, keep_constants=keep_constants)
     small = copy.deepcopy(model)
     report = _shrink(small, model, zeroed, graph, plan, args, kw, keep_constants)
     if verify:
-        report.update(_verify(small, zeroed, args, kw, rtol, plan, graph,
+        report.update(_verify(small, zeroed, model, args, kw, rtol, plan,
                               approximate=allow_approximate and any(
                                   not graph[g].exact for g in plan)))
     small.etp_report = report
@@ -100,16 +102,13 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
 
 
 def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selection,
-                allow_approximate: bool = False, uniform: bool = False) -> dict[str, list[int]]:
+                allow_approximate: bool = False) -> dict[str, list[int]]:
     """The selection's plan, restricted to groups a module can shrink (see
     :func:`etp_fx.surgery.module_attrs.inexpressible_groups`); a :class:`Plan` naming another
-    group raises :class:`ModuleOutputError`. ``uniform``: the same count in every repeated
-    block (:func:`etp_fx.surgery.uniform.uniform_plan`)."""
+    group raises :class:`ModuleOutputError`. A norm-based selection keeps its options
+    (``uniform=True`` too)."""
     bad = inexpressible_groups(graph)
     if isinstance(selection, Plan):
-        if uniform:
-            raise SelectionError("uniform=True needs a norm-based selection (Budget, Ratio or "
-                                 "Threshold); a Plan already says which units go")
         plan = selection.select(graph, model, allow_approximate=allow_approximate)
         hit = [g for g in plan if g in bad]
         if hit:
@@ -118,10 +117,7 @@ def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selec
     else:
         wanted = _include_predicate(graph, selection.include)
         narrowed = dataclasses.replace(selection, include=lambda g: g.id not in bad and wanted(g))
-        if uniform:
-            plan = uniform_plan(graph, model, narrowed, allow_approximate=allow_approximate)
-        else:
-            plan = narrowed.select(graph, model, allow_approximate=allow_approximate)
+        plan = narrowed.select(graph, model, allow_approximate=allow_approximate)
     approximate = [g for g in plan if not graph[g].exact]
     if approximate and not allow_approximate:
         raise PlanError(f"removing units of {approximate[:3]} is approximate; pass "
@@ -201,60 +197,68 @@ def other_inputs(args: tuple, kw: dict) -> tuple[tuple, dict, str] | None:
     return new_args, new_kw, f"batch {batch + 1}" + (", one token fewer" if shorter else "")
 
 
-def _float_leaves(out: Any) -> list[torch.Tensor]:
-    if hasattr(out, "to_tuple"):  # a transformers ModelOutput
-        out = out.to_tuple()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
-            and t.is_floating_point()]
-
-
-def _compare(ref: Any, got: Any) -> tuple[float, float] | None:
-    """(max |ref - got|, max |ref|), or None when the outputs differ in number or shape."""
-    a, b = _float_leaves(ref), _float_leaves(got)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return None
-    diff = max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-    scale = max((float(x.abs().max()) for x in a if x.numel()), default=0.0)
-    return diff, scale
-
-
 def _run(model: torch.nn.Module, args: tuple, kw: dict) -> Any:
-    with eval_mode(model), torch.no_grad():
+    """One eager forward in eval mode that leaves ``model`` as it was (a forward that counts
+    its calls in a buffer, say). The models run here are copies whose parameters the capture
+    already showed are only read, so they are not copied again (a write is still refused)."""
+    with eval_mode(model), untouched(model, copy_parameters=False), torch.no_grad():
         return model(*args, **kw)
 
 
-def _verify(small, zeroed, args, kw, rtol, plan, graph, approximate: bool) -> dict[str, Any]:
-    """Run ``small`` against the zeroed original on the example inputs and on another shape
-    (``rtol`` None: 1e-5 of the output's scale, rechecked in float64 beyond it)."""
-    rtol = 1e-5 if rtol is None else float(rtol)
-    out: dict[str, Any] = {"checked": []}
-    cases = [(args, kw, "the example inputs")]
+def _checks(zeroed: torch.nn.Module, args: tuple, kw: dict) -> list[tuple[Check, str]]:
+    """The example inputs and inputs of another shape (:func:`other_inputs`), each with the
+    zeroed original's output on them and a description; the other shape is not checked when
+    the model itself refuses it or returns NaN or Inf there."""
+    reference = _run(zeroed, args, kw)
+    check_finite(reference, args, kw)
+    checks = [(Check("example", args, kw, reference, False), "the example inputs")]
     other = other_inputs(args, kw)
-    if other is not None:
-        cases.append(other)
-    for a, k, what in cases:
-        try:
-            ref = _run(zeroed, a, k)
-        except Exception:  # noqa: BLE001 - the model itself refuses this shape: not a check
-            continue
-        got = _run_small(small, a, k, what)
-        diff = _compare(ref, got)
-        if diff is None:
-            raise ModuleOutputError(
-                f"on {what}, the pruned model's outputs have other shapes than the zeroed "
-                f"original's{_first_difference(small, zeroed, a, k)}; a forward probably "
-                f"hard-codes a width. Use output='graph' (etp_fx.compress)")
-        out.setdefault("max_abs_diff", diff[0])
-        out.setdefault("output_scale", diff[1])
-        if diff[0] > rtol * max(diff[1], 1e-12) and not approximate and \
-                not _agrees_in_float64(small, zeroed, a, k):
-            raise ModuleOutputError(
-                f"on {what}, the pruned model differs from the zeroed original by {diff[0]:.3g} "
-                f"(output scale {diff[1]:.3g}) after removing units of {sorted(plan)[:4]}"
-                f"{_first_difference(small, zeroed, a, k)}; a module's forward does not follow "
-                f"its new widths. Use output='graph' (etp_fx.compress)")
-        out["checked"].append(what)
-    return out
+    if other is None:
+        return checks
+    a, k, what = other
+    try:
+        reference = _run(zeroed, a, k)
+    except Exception as e:  # noqa: BLE001 - the model itself refuses this shape: not a check
+        return checks + [(Check("other shape", a, k, None, False, f"not checked: the model "
+                                f"itself does not run on {what} ({type(e).__name__})"), what)]
+    bad = non_finite(reference)
+    note = f"not checked: on {what}, {bad} (in the zeroed original)" if bad else ""
+    return checks + [(Check("other shape", a, k, None if bad else reference, False, note), what)]
+
+
+def _verify(small, zeroed, model, args, kw, rtol, plan, approximate: bool) -> dict[str, Any]:
+    """Run ``small`` against the zeroed original on the example inputs and on another shape,
+    as the graph output is verified (:func:`etp_fx.surgery.verify.run_checks`: the tolerance
+    of the model's dtype or ``rtol``, a float64 recheck beyond it, integer outputs exact)."""
+    checks = _checks(zeroed, args, kw)
+    tol = tolerance_for(model, args, kw, rtol)
+    records = run_checks([c for c, _ in checks], small, None, tol,
+                         lambda: copy.deepcopy(zeroed),
+                         run=lambda c: _outputs_of(small, zeroed, c))
+    failed = [r for r in records if r["passed"] is False]
+    if failed and not approximate:
+        c = next(c for c, _ in checks if c.name == failed[0]["check"])
+        raise ModuleOutputError(deviation_message(failed[0], plan, cause=(
+            f"A module's forward does not follow its new widths"
+            f"{_first_difference(small, zeroed, c.args, c.kw)}; use output='graph' "
+            f"(etp_fx.compress).")))
+    checked = [what for (_, what), r in zip(checks, records) if r["passed"] or
+               (r["passed"] is False and approximate)]
+    return {"verified": records, "checked": checked, **headline(records)}
+
+
+def _outputs_of(small: torch.nn.Module, zeroed: torch.nn.Module, c: Check) -> Any:
+    """``small``'s outputs on a check's inputs; other outputs than the zeroed original's (in
+    number, shape or dtype) name the first module whose output changed shape."""
+    got = _run_small(small, c.args, c.kw, c.name)
+    try:
+        check_interface(c.reference, got)
+    except VerificationError as e:
+        raise ModuleOutputError(
+            f"on {describe_inputs(c.args, c.kw)} ({c.name}), {e}"
+            f"{_first_difference(small, zeroed, c.args, c.kw)}; a forward probably hard-codes "
+            f"a width. Use output='graph' (etp_fx.compress)") from None
+    return got
 
 
 def _run_small(small: torch.nn.Module, args: tuple, kw: dict, what: str) -> Any:
@@ -272,24 +276,15 @@ def _run_small(small: torch.nn.Module, args: tuple, kw: dict, what: str) -> Any:
                 where = (f"module {name!r} ({type(owner).__name__}, "
                          f"{frame.f_code.co_filename}:{line})")
         raise ModuleOutputError(
-            f"the pruned model fails on {what} in {where}: {type(e).__name__}: {e}. Its forward "
-            f"probably hard-codes a width the pruning changed; use output='graph' "
-            f"(etp_fx.compress), which rewrites shape arguments, or leave those units "
-            f"in") from e
+            f"the pruned model fails on {describe_inputs(args, kw)} ({what}) in {where}: "
+            f"{type(e).__name__}: {e}. Its forward probably hard-codes a width the pruning "
+            f"changed; use output='graph' (etp_fx.compress), which rewrites shape arguments, "
+            f"or leave those units in") from e
 
 
-def _agrees_in_float64(small, zeroed, args, kw) -> bool:
-    """float32 rounding amplified by an ill-conditioned op, or a real difference? Both models
-    in float64 must agree to 1e-9 of the output's scale."""
-    def to64(t: torch.Tensor) -> torch.Tensor:
-        return t.double() if t.is_floating_point() else t
-    try:
-        a64, k64 = pytree.tree_map_only(torch.Tensor, to64, (args, kw))
-        diff = _compare(_run(copy.deepcopy(zeroed).double(), a64, k64),
-                        _run(copy.deepcopy(small).double(), a64, k64))
-    except Exception:  # noqa: BLE001 - no float64 answer: the float32 verdict stands
-        return False
-    return diff is not None and diff[0] <= 1e-9 * max(diff[1], 1e-300)
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+            and t.is_floating_point()]
 
 
 def _module_outputs(model: torch.nn.Module, args: tuple, kw: dict) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..graph.depgraph import DependencyGraph
 from ..graph.plan import kept_units
 from ..graph.rules.table import lookup
 from ..graph.tensors import get_tensor, set_tensor
-from .fold import plan_folds
+from .fold import channel_constant, plan_folds
 from .rewrite import RewriteContext, slice_tensor
 
 __all__ = ["removed_positions", "slice_tensors", "bias_folds", "add_fold_biases",
@@ -98,25 +98,15 @@ def _zeroed_capture(graph: DependencyGraph, zeroed: torch.nn.Module) -> fx.Graph
     return gm
 
 
-def _constant_along(C: torch.Tensor, d: int, rtol: float = 1e-5) -> torch.Tensor | None:
-    """The vector along dim ``d`` when ``C`` has the same value at every other index (up to
-    float32 rounding of the sums that made it: a position-dependent constant differs by a
-    share of its own size)."""
-    moved = C.movedim(d, 0).reshape(C.shape[d], -1)
-    scale = float(moved.abs().max()) if moved.numel() else 0.0
-    if float((moved - moved[:, :1]).abs().max()) <= rtol * (scale or 1.0):
-        return moved[:, 0].clone()
-    return None
-
-
 def bias_folds(graph: DependencyGraph, plan: Mapping[str, list[int]],
                zeroed: torch.nn.Module, args: tuple, kwargs: dict) -> list[dict[str, Any]]:
     """The constants that the removed units carry into each consumer, as bias vectors.
 
     Runs the zeroed original's capture once (:func:`etp_fx.surgery.fold.plan_folds`, which
-    refuses input-dependent values with a :class:`FoldError`). Each contribution must be the
-    same at every position: one a module cannot carry (a zero-padded convolution sees the
-    constant only inside the image) raises :class:`ModuleOutputError`.
+    refuses input-dependent values with a :class:`FoldError`). Each contribution must be one
+    value per channel at any input size (:func:`etp_fx.surgery.fold.channel_constant`, the
+    graph output's test for a bias): one a module cannot carry (a zero-padded convolution sees
+    the constant only inside the image) raises :class:`ModuleOutputError`.
 
     Returns one dict per consumer: ``module`` (its name), ``bias`` (the bias tensor's name, or
     None when the module has none), ``vector`` (at the kept output width), ``groups``."""
@@ -131,7 +121,7 @@ def bias_folds(graph: DependencyGraph, plan: Mapping[str, list[int]],
         spec = lookup(node).fold(node)
         weight = _weight_name(node, spec)
         C = slice_tensor(f.contribution, node.meta["etp_dims"], RewriteContext(keep))
-        vec = _constant_along(C, spec.out_dim % C.dim()) if _position_free(node) else None
+        vec = channel_constant(f, C, spec.out_dim % C.dim())
         if vec is None:
             raise ModuleOutputError(
                 f"the removed units of {', '.join(f.groups)} leave a constant in module "
@@ -146,21 +136,6 @@ def bias_folds(graph: DependencyGraph, plan: Mapping[str, list[int]],
         out.append({"module": owner_of(weight), "bias": bias_name, "vector": vec,
                     "groups": list(f.groups)})
     return out
-
-
-def _position_free(node: fx.Node) -> bool:
-    """Does a constant input give the same contribution at every position, whatever the
-    input size? Not through a zero-padded or transposed convolution (borders see less of the
-    kernel; at a 1x1 trace size every position looks alike)."""
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    if "conv" not in name:
-        return True  # linear, addmm, matmul: every position sees every weight
-    if "transpose" in name or (name == "convolution" and len(node.args) > 6 and node.args[6]):
-        return False
-    padding = node.args[4] if len(node.args) > 4 else 0
-    if isinstance(padding, str):
-        return padding == "valid"
-    return not any(int(p) for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
 
 def _weight_name(node: fx.Node, spec) -> str:

@@ -24,11 +24,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import describe_inputs, eval_mode
+from ..capture import describe_inputs, eval_mode, untouched
 from ..errors import OptionError, VerificationError
 
-__all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "check_rtol", "tolerance_for", "Comparison", "compare", "Check", "reference_checks", "run_checks",
-           "deviation_message", "culprits"]
+__all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "check_rtol", "tolerance_for",
+           "Comparison", "check_interface", "compare", "non_finite", "check_finite", "Check",
+           "reference_checks", "run_checks", "headline", "deviation_message", "culprits"]
 
 _EPS16, _EPSBF16 = torch.finfo(torch.float16).eps, torch.finfo(torch.bfloat16).eps
 #: default tolerance, relative to the output's scale, by the least precise dtype the model
@@ -101,9 +102,30 @@ def _leaves(out: Any) -> list:
     return pytree.tree_leaves(out)
 
 
+def check_interface(reference: Any, got: Any) -> None:
+    """Refuse outputs that differ in number, or a tensor that differs in shape or dtype.
+
+    Raises
+    ------
+    VerificationError
+        The compressed model's interface changed.
+    """
+    ref, out = _leaves(reference), _leaves(got)
+    if len(ref) != len(out):
+        raise VerificationError(f"the compressed model returns {len(out)} outputs, the original "
+                                f"{len(ref)}; the model interface must not change")
+    for k, (r, o) in enumerate(zip(ref, out)):
+        if isinstance(r, torch.Tensor) and (not isinstance(o, torch.Tensor) or
+                                            o.shape != r.shape or o.dtype != r.dtype):
+            raise VerificationError(
+                f"output {k} of the compressed model is {_describe(o)}, the original's "
+                f"{_describe(r)}; the model interface must not change")
+
+
 def compare(reference: Any, got: Any) -> Comparison:
     """Compare the outputs: floating ones by their largest difference, integer and boolean ones
-    element by element, anything else (Python numbers) for equality.
+    element by element, plain values (numbers, strings, None) for equality. Other objects (a
+    key/value cache object) are not compared.
 
     Raises
     ------
@@ -111,20 +133,14 @@ def compare(reference: Any, got: Any) -> Comparison:
         The outputs differ in number, shape or dtype (the interface changed), or there is no
         output with elements to compare.
     """
-    ref, out = _leaves(reference), _leaves(got)
-    if len(ref) != len(out):
-        raise VerificationError(f"the compressed model returns {len(out)} outputs, the original "
-                                f"{len(ref)}; the model interface must not change")
+    check_interface(reference, got)
     diff = scale = 0.0
     exact = mismatches = elements = 0
-    for k, (r, o) in enumerate(zip(ref, out)):
+    for r, o in zip(_leaves(reference), _leaves(got)):
         if not isinstance(r, torch.Tensor):
-            exact, mismatches = exact + 1, mismatches + int(r != o)
+            if isinstance(r, _PLAIN):
+                exact, mismatches = exact + 1, mismatches + int(r != o)
             continue
-        if not isinstance(o, torch.Tensor) or o.shape != r.shape or o.dtype != r.dtype:
-            raise VerificationError(
-                f"output {k} of the compressed model is {_describe(o)}, the original's "
-                f"{_describe(r)}; the model interface must not change")
         elements += r.numel()
         if not r.numel():
             continue
@@ -140,19 +156,43 @@ def compare(reference: Any, got: Any) -> Comparison:
     return Comparison(diff, scale, exact, mismatches)
 
 
+#: output values compared for equality; any other object is not compared
+_PLAIN = (numbers.Number, str, bytes, type(None))
+
+
 def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {str(v.dtype).replace('torch.', '')} tensor of shape {list(v.shape)}"
     return type(v).__name__
 
 
-def _non_finite(out: Any) -> str | None:
+def non_finite(out: Any) -> str | None:
+    """What is NaN or Inf in ``out`` (``"output 0 has 3 NaN or Inf value(s) of 12"``), or
+    None when every floating output is finite."""
     for k, r in enumerate(_leaves(out)):
         if isinstance(r, torch.Tensor) and (r.is_floating_point() or r.is_complex()):
             bad = int((~torch.isfinite(r)).sum())
             if bad:
                 return f"output {k} has {bad} NaN or Inf value(s) of {r.numel()}"
     return None
+
+
+def check_finite(reference: Any, args: tuple, kw: dict) -> None:
+    """Refuse to verify against a reference output with NaN or Inf values (the zeroed
+    original's output on the example inputs ``args``, ``kw``): no tolerance can say whether
+    the compressed model computes the same.
+
+    Raises
+    ------
+    VerificationError
+        Naming the output and the inputs.
+    """
+    bad = non_finite(reference)
+    if bad:
+        raise VerificationError(
+            f"verification cannot check a model whose output is NaN or Inf on these inputs: on "
+            f"{describe_inputs(args, kw)}, {bad} (in the model with the units zeroed). Give "
+            f"example inputs on which the model's output is finite, or pass verify=False.")
 
 
 @dataclass
@@ -186,12 +226,7 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     reference = traced_output if is_traced else None
     if reference is None:
         reference = _run_zeroed(zeroed, args, kw, traced)
-    bad = _non_finite(reference)
-    if bad:
-        raise VerificationError(
-            f"verification cannot check a model whose output is NaN or Inf on these inputs: on "
-            f"{describe_inputs(args, kw)}, {bad} (in the model with the units zeroed). Give "
-            f"example inputs on which the model's output is finite, or pass verify=False.")
+    check_finite(reference, args, kw)
     checks = [Check("example", args, kw, reference, is_traced)]
     if other_batch:
         checks.append(_other_batch_check(zeroed, model, example, _batch_of(*traced)))
@@ -263,7 +298,7 @@ def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
                 reference = zeroed(*a, **k)
         except Exception as e:  # noqa: BLE001 - the capture's fault or the draw's: see below
             return _refused_batch(model, a, k, batch, other, e)
-        last = _non_finite(reference)
+        last = non_finite(reference)
         if last is None:
             return Check("other batch", a, k, reference, False)
     return Check("other batch", a, k, None, False, f"not checked: on a draw at batch {other}, "
@@ -276,7 +311,7 @@ def _refused_batch(model: torch.nn.Module, args: tuple, kw: dict, batch: int, ot
     was specialised to a batch although the result claims any (an etp_fx bug); if not, the
     draw is not an input of this model, and the batch cannot be checked."""
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), untouched(model), torch.no_grad():
             model(*args, **kw)
     except Exception as e:  # noqa: BLE001 - the model's code fixes the inputs
         return Check("other batch", args, kw, None, False,
@@ -315,10 +350,16 @@ def _dim_hint(c: Check) -> str:
             "dynamic_batch=False gives a result for the example's batch only. ")
 
 
-def run_checks(checks: list[Check], small: fx.GraphModule, traced_got: Any, tol: Tolerance,
-               zeroed_original: Callable[[], fx.GraphModule]) -> list[dict]:
+def run_checks(checks: list[Check], small: torch.nn.Module, traced_got: Any, tol: Tolerance,
+               zeroed_original: Callable[[], torch.nn.Module], *,
+               run: Callable[[Check], Any] | None = None) -> list[dict]:
     """Run the compressed model on every check's inputs and compare; one record per check
-    (what was checked, at which tolerance, the deviation, and the verdict ``passed``)."""
+    (what was checked, at which tolerance, the deviation, and the verdict ``passed``).
+
+    ``small`` is a compressed ``GraphModule`` (``output="graph"``) or module
+    (``output="module"``); ``run(check)``, when given, runs it on a check's inputs instead
+    of calling it directly (the module output names the module that fails).
+    ``zeroed_original()`` returns a zeroed original the float64 recheck may convert."""
     records = []
     for c in checks:
         rec = {"check": c.name, "inputs": describe_inputs(c.args, c.kw),
@@ -327,7 +368,8 @@ def run_checks(checks: list[Check], small: fx.GraphModule, traced_got: Any, tol:
         if c.reference is None:
             records.append({**rec, "passed": None, "note": c.note})
             continue
-        cmp = compare(c.reference, _outputs(small, c, traced_got))
+        got = run(c) if run is not None else _outputs(small, c, traced_got)
+        cmp = compare(c.reference, got)
         rec.update(max_abs_diff=cmp.max_abs_diff, output_scale=cmp.output_scale,
                    rel_diff=cmp.rel_diff, exact_elements=cmp.exact_compared,
                    exact_mismatches=cmp.exact_mismatches, passed=cmp.within(tol.rtol))
@@ -340,24 +382,38 @@ def run_checks(checks: list[Check], small: fx.GraphModule, traced_got: Any, tol:
     return records
 
 
-def _in_float64(zeroed: fx.GraphModule, small: fx.GraphModule, args: tuple,
+def _in_float64(zeroed: torch.nn.Module, small: torch.nn.Module, args: tuple,
                 kw: dict) -> Comparison | None:
-    """Both models and the inputs in float64, or None when a model does not run in float64 (a
-    cast to float32 inside, say)."""
+    """Both models and the inputs in float64 (``zeroed`` converted in place, ``small`` a copy),
+    or None when a model does not run in float64 (a cast to float32 inside, say)."""
     def to64(t: torch.Tensor) -> torch.Tensor:
         return t.double() if t.is_floating_point() else t
     try:
-        small64 = copy.deepcopy(small).double()
+        small64, zeroed64 = copy.deepcopy(small).double(), zeroed.double()
         args64, kw64 = pytree.tree_map_only(torch.Tensor, to64, (args, kw))
-        with torch.no_grad():
-            return compare(zeroed.double()(*args64, **kw64), small64(*args64, **kw64))
+        with eval_mode(zeroed64), eval_mode(small64), torch.no_grad():
+            return compare(zeroed64(*args64, **kw64), small64(*args64, **kw64))
     except Exception:  # noqa: BLE001 - no float64 answer: the first verdict stands
         return None
 
 
-def deviation_message(rec: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
-    """Why a check failed; "an etp_fx bug" only where rounding is ruled out (the float64
-    recheck confirms the difference, or the model runs in float64)."""
+def headline(verified: list[dict]) -> dict[str, Any]:
+    """The example's deviation for the top of a report (``max_abs_diff``, ``output_scale``),
+    and the largest float64 recheck, where one ran."""
+    out: dict[str, Any] = {}
+    first = next((r for r in verified if "max_abs_diff" in r), None)
+    if first is not None:
+        out.update(max_abs_diff=first["max_abs_diff"], output_scale=first["output_scale"])
+    rechecked = [r["float64_rel_diff"] for r in verified if "float64_rel_diff" in r]
+    if rechecked:
+        out["float64_rel_diff"] = None if None in rechecked else max(rechecked)
+    return out
+
+
+def deviation_message(rec: Mapping[str, Any], plan: Mapping[str, Any],
+                      cause: str = "This is an etp_fx bug: please report it.") -> str:
+    """Why a check failed; ``cause`` (by default "an etp_fx bug") only where rounding is ruled
+    out (the float64 recheck confirms the difference, or the model runs in float64)."""
     groups = f"{sorted(plan)[:5]}{'...' if len(plan) > 5 else ''}"
     what = (f"{rec['exact_mismatches']} integer/boolean output element(s) and a floating "
             f"deviation of {rec['max_abs_diff']:.3g}" if rec["exact_mismatches"] else
@@ -369,10 +425,11 @@ def deviation_message(rec: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
         extra = (f" In float64 too ({rec['float64_rel_diff']:.3g} of the output's scale, "
                  f"tolerance {rec['float64_tolerance']:.3g})." if "float64_tolerance" in rec
                  else "")
-        return head + extra + " This is an etp_fx bug: please report it."
+        return f"{head}{extra} {cause}"
     return head + (f" The float64 recheck could not run (the model does not run in float64), "
                    f"so rounding in {rec['dtype']} is not ruled out: if you expect that much "
-                   f"rounding, pass a larger rtol; otherwise please report it.")
+                   f"rounding, pass a larger tolerance (verify=1e-4, say); otherwise please "
+                   f"report it.")
 
 
 def culprits(plan: Mapping[str, Any], fails_alone: Callable[[str], bool], limit: int = 32) -> str:
