@@ -6,8 +6,9 @@ What it shows
     query/key head-dims, one of value head-dims and one of MLP neurons; the hidden size is one
     *approximate* group (LayerNorm normalises over it), which etp_fx leaves alone by default.
     ``etp_fx.ETPCallback(reg).attach(trainer)`` adds the ETP penalty to the loss that
-    ``transformers.Trainer`` computes and logs ``etp_penalty`` / ``etp_zero_units`` with the
-    training loss. After fine-tuning, ``etp_fx.compress(target_macs=...)`` removes the
+    ``transformers.Trainer`` computes, hands the Trainer's step count to the target-driven
+    regulariser (``target_macs=``, no strength to tune) and logs ``etp_penalty``,
+    ``etp_zero_units``, ``etp_strength`` and ``etp_left`` with the training loss. After fine-tuning, ``etp_fx.compress(target_macs=...)`` removes the
     weakest heads, head-dims and neurons, and the script compares dev accuracy before and after.
 
 Run it on the real data

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
             for step, (*inputs, target) in enumerate(
                     etp_fx.progress(train, reg, model, desc=f"epoch {epoch}", disable=args.smoke)):
                 task = F.mse_loss(model(*(t.to(device) for t in inputs)), target.to(device))
-                loss = task + reg(model)
+                loss = task + reg(model, loss=task)  # the task loss lets the strength back off
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                      disable=args.smoke)):
                 x = x.to(device)
                 task = model(input_ids=x, labels=x).loss
-                loss = task + reg(model)
+                loss = task + reg(model, loss=task)  # the task loss lets the strength back off
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -4,8 +4,9 @@ What it shows
     ``etp_fx.trace`` on torchvision's ResNet-50 finds the coupled channel groups: the
     residual stream of each stage is one group (every block's last conv, its BatchNorm and
     the downsample branch are pruned together), plus the two inner widths of every bottleneck.
-    ``etp_fx.ExponentialTorque`` (the normalised default: ``strength`` is an L1 decay rate)
-    is added to the loss in an ordinary training loop shown with ``etp_fx.progress``;
+    ``etp_fx.ExponentialTorque(graph, target_macs=..., steps=...)`` (the MACs target drives
+    the strength: nothing to tune; ``--strength`` fixes it instead) is added to the loss in an
+    ordinary training loop shown with ``etp_fx.progress`` (live strength and mass left);
     ``etp_fx.NormHistory`` records every unit's norm per epoch and ``etp_fx.plot_norms``
     draws the paper's "norms over training" figure. ``etp_fx.compress(target_macs=...)`` then
     removes the weakest units down to the MACs budget, and the script prints accuracy,
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   disable=args.smoke)
             for step, (x, y) in enumerate(bar):
                 task = F.cross_entropy(model(x.to(device)), y.to(device))
-                loss = task + reg(model)
+                loss = task + reg(model, loss=task)  # the task loss lets the strength back off
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

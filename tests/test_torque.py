@@ -1,7 +1,5 @@
 """ETP and Torque penalties: the paper preset against the formula, group units, distances,
 normalisation, the hand-written backward, torch.compile, and bad input."""
-import math
-
 import networkx as nx
 import numpy as np
 import pytest

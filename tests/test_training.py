@@ -2,7 +2,6 @@
 torch-pruning baselines behind one interface."""
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

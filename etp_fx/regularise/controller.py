@@ -9,19 +9,20 @@ alternatives that were tried and the measurements.
 
 Every ``interval`` steps it reads every unit's norm (the one kernel in :mod:`.norms`), asks the
 selection which units it would remove *now* (:meth:`Selection.select` on those norms, so the
-set follows training), and compares
+set follows training), and compares ``left``, the share of the unit-norm mass that lies in
+those units (each norm divided by its group's mean norm at the first update, so wide and
+narrow groups weigh alike), with a schedule: flat for ``warmup`` of the steps, then falling
+linearly to ``floor`` at ``reach`` of the steps. The strength is multiplied by ``up`` when
+``left`` is above the schedule and divided by ``sqrt(up)`` when it is below; ``up`` moves it
+100-fold within ``ramp`` of the run, whatever its length.
 
-- ``left``: the share of the unit-norm mass that lies in those units (each norm divided by its
-  group's mean norm at the first update, so wide and narrow groups weigh alike), with a
-  schedule that falls linearly from its first value to ``floor`` at ``reach`` of the steps;
-- ``kept``: the mean (scaled) norm of the kept units, relative to its first value.
-
-The strength is multiplied by ``up`` when ``left`` is above the schedule and divided by
-``down`` otherwise, unless ``kept`` fell below ``keep``: then the controller backs off
-(divides by ``backoff``) whatever ``left`` says. That guard is what keeps SGD with momentum
-from collapsing: there, an L1 subgradient keeps dead weights oscillating around zero with an
-amplitude that grows with the strength, so ``left`` can stall above the floor while a growing
-strength wears the kept units down.
+Guards against wind-up (more strength that no longer helps), each from a measured failure:
+hold while the gap closes on its own (damping); back off when raising made the kept units'
+norms swell (SGD throwing weights across zero and back), and stay below the strength before;
+stay below ``ceiling`` times the strength at the last new low of ``left`` and below ``most``;
+after ``reach`` stay below ``settle`` times the strength then; back off while the task loss
+(when given) has given back ``loss_rise`` of its progress. :func:`keep_counts` gives the
+regulariser the keep boundary of every group, where the force's knee goes.
 """
 from __future__ import annotations
 
@@ -36,9 +37,6 @@ from .selection import Budget, Plan, Ratio, Selection, Threshold, selection_from
 
 __all__ = ["StrengthController", "ControlState", "target_selection", "removal_share",
            "keep_counts"]
-
-_TARGET_FORMS = ("target_macs", "target_params", "ratio", "selection")
-
 
 @dataclass(frozen=True)
 class ControlState:
@@ -218,15 +216,17 @@ class StrengthController:
         work is done by then, and a share that lingers just above the floor (an L1
         subgradient keeps dead weights jittering around zero) must not wind the strength up.
     loss_rise : float
-        With the task loss given (``reg(model, loss=...)``): back off when its running mean
-        exceeds ``loss_rise`` times the lowest running mean so far (and by more than 0.05).
+        With the task loss given (``reg(model, loss=...)``): back off while its running mean
+        has given back more than ``loss_rise`` of the way from its first value down to its
+        lowest (a ratio to the lowest would fire on noise once a classifier's loss is near
+        0.01). No lasting ceiling: pruning pressure raises the loss for a while on purpose.
     """
 
     def __init__(self, selection: Selection, steps: int | None = None, *, start: float = 0.01,
                  reach: float = 0.7, floor: float = 0.02, interval: int | None = None,
                  ramp: float = 0.2, horizon: float = 3.0, warmup: float = 0.1,
                  keep: float = 0.0, swell: float = 1.3, inflate: float = 0.0, backoff: float = 1.5,
-                 loss_rise: float = 1.5, settle: float = 4.0, most: float = 10.0,
+                 loss_rise: float = 0.2, settle: float = 4.0, most: float = 10.0,
                  ceiling: float = 100.0, knee: bool = True) -> None:
         _check_positive("start", start)
         _check_positive("ramp", ramp)
@@ -236,8 +236,8 @@ class StrengthController:
         if not (_real(inflate) and (inflate == 0 or inflate >= 1)):
             raise RegulariserError(f"inflate must be 0 (off) or a number >= 1, got "
                                    f"{inflate!r}")
-        for name, v in (("backoff", backoff), ("loss_rise", loss_rise), ("settle", settle),
-                        ("ceiling", ceiling)):
+        _check_positive("loss_rise", loss_rise)
+        for name, v in (("backoff", backoff), ("settle", settle), ("ceiling", ceiling)):
             if not (_real(v) and v >= 1):
                 raise RegulariserError(f"{name} must be a finite number >= 1, got {v!r}")
         for name, v in (("reach", reach), ("floor", floor), ("keep", keep),
@@ -346,8 +346,8 @@ class StrengthController:
             return strength / self.backoff  # weights jump across zero: far too strong
         if self._swelling(kept, strength):
             return strength / self.backoff
-        if self._loss.risen(self.loss_rise):
-            return strength / self.backoff  # the task suffers
+        if self._loss.risen(self.loss_rise):  # the task suffers
+            return strength / self.backoff
         gap = left - goal
         if gap <= 0:
             return strength / math.sqrt(self.up)
@@ -396,10 +396,10 @@ class StrengthController:
 
 
 class _LossWatch:
-    """A running mean of the task loss and its lowest value so far."""
+    """A running mean of the task loss, its first value and its lowest so far."""
 
     def __init__(self, decay: float = 0.95) -> None:
-        self.decay, self.mean, self.best, self.n = decay, None, math.inf, 0
+        self.decay, self.mean, self.first, self.best, self.n = decay, None, None, math.inf, 0
 
     def add(self, loss: float) -> None:
         loss = float(loss)
@@ -408,12 +408,16 @@ class _LossWatch:
         self.n += 1
         self.mean = loss if self.mean is None else self.decay * self.mean + \
             (1 - self.decay) * loss
+        if self.first is None:
+            self.first = loss
         if self.n >= 20:  # the first steps' mean is mostly its starting value
             self.best = min(self.best, self.mean)
 
-    def risen(self, factor: float) -> bool:
-        return self.mean is not None and math.isfinite(self.best) and \
-            self.mean > factor * self.best and self.mean > self.best + 0.05
+    def risen(self, share: float) -> bool:
+        """Whether the running mean gave back ``share`` of its progress."""
+        if self.mean is None or not math.isfinite(self.best) or self.first <= self.best:
+            return False
+        return self.mean > self.best + share * (self.first - self.best)
 
 
 def _real(v: Any) -> bool:

@@ -3,6 +3,7 @@ selections, the norm history and the training progress bar)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -12,7 +13,66 @@ from ..errors import RegulariserError
 from ..graph.signature import check_model_matches
 from .units import UnitSet, unit_sets_from_graph, unwrap
 
-__all__ = ["UnitNorms", "norm_order", "unit_norms"]
+try:  # FSDP2 shards parameters as DTensors
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    dist = DTensor = Shard = FSDPModule = None
+
+__all__ = ["UnitNorms", "Sharding", "local_shards", "swaps_parameters", "norm_order",
+           "unit_norms"]
+
+
+def swaps_parameters(model: torch.nn.Module) -> bool:
+    """Whether the model's parameter objects change between calls (FSDP2 registers the
+    unsharded parameters around forward and the sharded ones after), so a list of them must
+    not be kept."""
+    return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Where each parameter's local tensor sits in the whole one: ``(dim, first index, size)``
+    along the sharded dim, or None for a parameter every rank holds whole; and the process
+    group whose ranks together hold every shard."""
+
+    parts: tuple[tuple[int, int, int] | None, ...]
+    group: Any
+
+    @property
+    def first(self) -> bool:
+        """Whether this is the group's first rank (the one that adds whole parameters)."""
+        return dist.get_rank(self.group) == 0
+
+
+def local_shards(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Sharding | None]:
+    """FSDP2 parameters (DTensors sharded along one dim) -> their local tensors (``to_local``,
+    differentiable: gradients flow back to the DTensors) and where each sits; plain tensors
+    pass through with no sharding."""
+    if DTensor is None or not any(isinstance(p, DTensor) for p in params):
+        return list(params), None
+    out, parts, group = [], [], None
+    for p in params:
+        if not isinstance(p, DTensor):
+            out.append(p)
+            parts.append(None)
+            continue
+        placement = p.placements[0] if len(p.placements) == 1 else None
+        if placement is None or not (isinstance(placement, Shard) or placement.is_replicate()):
+            raise RegulariserError(f"a parameter is a DTensor placed as {p.placements}: the "
+                                   f"regulariser reads parameters sharded along one dim over "
+                                   f"a 1-D mesh (FSDP2's fully_shard) or replicated")
+        mesh, local = p.device_mesh, p.to_local()
+        group = mesh.get_group()
+        out.append(local)
+        if placement.is_replicate():
+            parts.append(None)
+            continue
+        d = placement.dim % p.dim()
+        chunk = -(-p.shape[d] // mesh.size())  # torch.chunk: the last shards may be short
+        parts.append((d, min(p.shape[d], mesh.get_local_rank() * chunk), local.shape[d]))
+    return out, Sharding(tuple(parts), group)
 
 
 def _unit_dims(unit_sets: Sequence[UnitSet], shapes: Mapping[str, tuple[int, ...]]
@@ -150,11 +210,36 @@ class UnitNorms:
                 parts.append(m.amax(dim=rest) if ord == math.inf else m.sum(dim=rest))
         return parts
 
-    def slot_vector(self, params: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
+    def slot_vector(self, params: Sequence[torch.Tensor], ord: float,
+                    sharding: Sharding | None = None) -> torch.Tensor:
         """For every slot: the L1 norm, the squared L2 norm, or the max |w| of each index's
-        slice, concatenated (length :attr:`length`)."""
+        slice, concatenated (length :attr:`length`). FSDP2 parameters (DTensors), or local
+        shards with their ``sharding``, are reduced across the ranks: every rank gets the
+        whole vector."""
+        if sharding is None:
+            params, sharding = local_shards(params)
+        if sharding is not None:
+            return self._sharded_slot_vector(params, ord, sharding)
         parts = self.slot_parts(params, ord)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _sharded_slot_vector(self, local: Sequence[torch.Tensor], ord: float,
+                             sharding: Sharding) -> torch.Tensor:
+        """Each rank places what its shards hold (its own rows of a sharded unit dim, partial
+        sums over its rows for the other unit dims, whole parameters on the first rank only)
+        into a zero vector; one all-reduce (sum, or max for ``linf``) completes it."""
+        full = torch.zeros(self.length, dtype=torch.float32, device=local[0].device)
+        parts = iter(self.slot_parts(local, ord))
+        for (ud, _, offs, _), part in zip(self.specs, sharding.parts):
+            for d, off in zip(ud, offs):
+                v = next(parts)
+                if part is not None and part[0] == d:
+                    full[off + part[1]: off + part[1] + part[2]] += v
+                elif part is not None or sharding.first or ord == math.inf:
+                    full[off: off + v.numel()] += v
+        op = dist.ReduceOp.MAX if ord == math.inf else dist.ReduceOp.SUM
+        dist.all_reduce(full, op=op, group=sharding.group)
+        return full
 
     def scatter(self, r: torch.Tensor, ord: float) -> torch.Tensor:
         """Slot vector -> per-unit sums (or maxima)."""
@@ -180,6 +265,19 @@ class UnitNorms:
         t = self.tensors(unit_coef.device)
         out = unit_coef.new_zeros(self.length)
         return out.index_add(0, t["src"], unit_coef.index_select(0, t["dst"]))
+
+    @staticmethod
+    def localise(coefs: Sequence[torch.Tensor], sharding: Sharding | None
+                 ) -> list[torch.Tensor]:
+        """Per-parameter coefficients (from :meth:`broadcast`) cut to each rank's shard."""
+        if sharding is None:
+            return list(coefs)
+        out = []
+        for c, part in zip(coefs, sharding.parts):
+            if part is not None and c.shape[part[0]] > 1:
+                c = c.narrow(part[0], part[1], part[2])
+            out.append(c)
+        return out
 
     def broadcast(self, slot_coef: torch.Tensor) -> list[torch.Tensor]:
         """Per parameter, the per-element coefficient as a small broadcastable tensor: the sum

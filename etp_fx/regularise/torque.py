@@ -1,5 +1,10 @@
 """Exponential Torque (ETP) and linear Torque penalties: vectorised, differentiable, compilable.
 
+With a target (``target_macs=``, ``target_params=``, ``ratio=`` or ``selection=``) and
+``steps=``, a :class:`~etp_fx.regularise.controller.StrengthController` sets the strength
+during training and the force's knee sits at the target's keep boundary; without one the
+strength is fixed (``strength=``) or the paper's (``preset="paper"``).
+
 For every *unit set* ``g`` (a coupled channel group, or one layer's output rows in the paper
 preset) with ``n_g`` units at distances ``d_u`` from its pivots::
 
@@ -32,7 +37,7 @@ import torch
 from ..errors import DistanceError, RegulariserError
 from ..graph.signature import check_model_matches
 from .controller import StrengthController, keep_counts, removal_share, target_selection
-from .norms import UnitNorms, norm_order, sqrt0
+from .norms import Sharding, UnitNorms, local_shards, norm_order, sqrt0, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
 from ..graph.distance import check_pivots, group_distances, multi_source_distances, \
@@ -52,9 +57,10 @@ class _Penalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, norms: "UnitNorms", ord: float, coef: torch.Tensor,
-                coef_bcast: list[torch.Tensor] | None, *params: torch.Tensor) -> torch.Tensor:
+                coef_bcast: list[torch.Tensor] | None, sharding: Sharding | None,
+                *params: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            r = norms.slot_vector(params, ord)
+            r = norms.slot_vector(params, ord, sharding)
             if ord == 1:  # coef: per slot position
                 pen = torch.dot(r, coef)
                 scale = None
@@ -64,6 +70,7 @@ class _Penalty(torch.autograd.Function):
                 scale = coef / u  # d N_u / d w = w / N_u
                 scale = torch.where(u > 0, scale, torch.zeros_like(scale))
         ctx.norms, ctx.ord, ctx.coef_bcast, ctx.scale = norms, ord, coef_bcast, scale
+        ctx.sharding = sharding
         ctx.save_for_backward(*params)
         return pen
 
@@ -76,13 +83,13 @@ class _Penalty(torch.autograd.Function):
         else:
             cb = norms.broadcast(norms.slot_coefficients(ctx.scale))
         grads = []
-        for i, (w, c) in enumerate(zip(params, cb)):
-            if not ctx.needs_input_grad[4 + i]:
+        for i, (w, c) in enumerate(zip(params, norms.localise(cb, ctx.sharding))):
+            if not ctx.needs_input_grad[5 + i]:
                 grads.append(None)
                 continue
             c = (c * g).to(w.dtype)
             grads.append(w.sgn().mul_(c) if ctx.ord == 1 else w * c)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 # --- the penalties -----------------------------------------------------------------------------
@@ -116,7 +123,7 @@ class _TorqueBase:
         self.allow_approximate = allow_approximate
         self.calls = 0
         self.last_value: torch.Tensor | None = None
-        self._bound: tuple[Any, list[torch.Tensor]] | None = None
+        self._bound: tuple[Any, list[torch.Tensor], bool] | None = None
         self.units = "producer" if preset == "paper" else units
         self.unit_sets = self._unit_sets(units, include, allow_approximate)
         self.keep = None if self.controller is None else keep_counts(
@@ -282,10 +289,10 @@ class _TorqueBase:
             return self.norms.parameters(model)
         b = self._bound
         if b is not None and b[0]() is model:
-            return b[1]
+            return self.norms.parameters(model) if b[2] else b[1]
         check_model_matches(self.graph, model)
         params = self.norms.parameters(model)
-        self._bound = (weakref.ref(model), params)
+        self._bound = (weakref.ref(model), params, swaps_parameters(model))
         return params
 
     def _coefs(self, device: torch.device) -> dict[str, Any]:
@@ -308,14 +315,15 @@ class _TorqueBase:
         """The penalty of these parameter tensors (in :attr:`names` order), pure."""
         c = self._coefs(params[0].device)
         k = self._strength_factor(c)
-        if torch.compiler.is_compiling() or not self.fast_backward:
+        params, sharding = local_shards(params)  # FSDP2: every rank's own shards
+        if sharding is None and (torch.compiler.is_compiling() or not self.fast_backward):
             if self.ord == 1:
                 return k * torch.dot(self.norms.slot_vector(params, 1), c["slot"])
             return k * torch.dot(self.norms.values(params, 2), c["unit"])
         if self.ord == 1:
-            pen = _Penalty.apply(self.norms, 1, c["slot"], c["bcast"], *params)
+            pen = _Penalty.apply(self.norms, 1, c["slot"], c["bcast"], sharding, *params)
         else:
-            pen = _Penalty.apply(self.norms, 2, c["unit"], None, *params)
+            pen = _Penalty.apply(self.norms, 2, c["unit"], None, sharding, *params)
         return k * pen
 
     def __call__(self, model: torch.nn.Module, loss: torch.Tensor | float | None = None
@@ -547,8 +555,21 @@ class ExponentialTorque(_TorqueBase):
     ----------
     graph : DependencyGraph
         From :func:`etp_fx.trace` on the model you train.
+    target_macs, target_params, ratio : float, optional
+        The target, as for :func:`etp_fx.compress` (at most one): the share of MACs or params
+        to keep, or the share of units to remove. With ``steps`` it drives the strength (no
+        strength to tune; see ``docs/etp.md``); compress with the same target afterwards.
+    selection : Budget or Ratio, optional
+        The target as a selection value instead of a keyword.
+    steps : int, optional
+        Training steps with a target, one ``reg(model)`` call each (or later with
+        :meth:`set_steps`, ``progress(steps=)`` or the Hugging Face callback).
+    control : dict, optional
+        Options of the :class:`~etp_fx.regularise.controller.StrengthController` (``floor``,
+        ``reach``, ``interval``, ``knee``, ...).
     strength : float
-        Multiplier of the penalty. With ``normalize="decay"`` (default) it is an L1 decay
+        Multiplier of the penalty, for experts (with a target: where the controller starts).
+        With ``normalize="decay"`` (default) it is an L1 decay
         rate: an average weight is pulled towards zero by ``lr * strength * f(d)/mean(f)``
         times its own size per SGD step, in every group whatever its width (compare weight
         decay's coefficient). With ``preset="paper"`` it defaults to the paper's raw ``1e-5``.
@@ -592,6 +613,9 @@ class ExponentialTorque(_TorqueBase):
     >>> reg = etp_fx.ExponentialTorque(g, strength=1e-3, normalize="init")
     >>> round(reg(net).item(), 6)  # 1 per group at construction, times strength
     0.001
+    >>> reg = etp_fx.ExponentialTorque(g, target_macs=0.5, steps=1000)  # no strength to tune
+    >>> reg.strength, reg.target.macs
+    (0.01, 0.5)
     >>> reg = etp_fx.ExponentialTorque(g, strength=0.5)   # an L1 decay rate
     >>> loss = reg(net)                                  # add to the task loss
     """
