@@ -183,10 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     with C.timed("trace", times):
         graph = etp_fx.trace(model, example)
     # heads and neurons of an LLM carry no bias worth keeping: zero them whole
-    selection = etp_fx.Budget(params=args.target_params, include=UNITS)
+    selection = etp_fx.Budget(params=args.target_params, include=UNITS, uniform=args.uniform)
     with C.timed("compress", times):
-        small = compress_module(model, example, selection, graph=graph, uniform=args.uniform,
-                                keep_constants=False)
+        small = compress_module(model, example, selection, graph=graph, keep_constants=False)
     rep = small.etp_report
     print(f"{type(small).__name__} kept its class; config changes: {rep.get('config')}")
 

@@ -6,7 +6,6 @@ verify (:mod:`.verify`) -> report. Each compression attempt is one :class:`Job`.
 """
 from __future__ import annotations
 
-import copy
 import math
 import dataclasses
 import warnings
@@ -25,13 +24,13 @@ from ..graph.depgraph import DependencyGraph
 from ..graph.plan import kept_units
 from ..graph.signature import check_model_matches
 from ..graph.trace import trace_args
-from ..regularise.selection import Plan, Selection, selection_from
+from ..regularise.selection import Selection, selection_from
 from .captures import batch_dynamic, batch_of_two, capture_for, fits
 from .fold import apply_folds, plan_folds
 from .module_output import compress_module
 from .rewrite import check_shapes, rewrite_module
-from .verify import (Tolerance, check_rtol, culprits, deviation_message, reference_checks,
-                     run_checks, tolerance_for)
+from .verify import (Tolerance, check_rtol, culprits, deviation_message, headline,
+                     reference_checks, run_checks, tolerance_for)
 from .working_copy import working_copy
 from .zero import zeroed_slices
 
@@ -59,47 +58,36 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
              keep_constants: bool | None = None, allow_approximate: bool = False,
              dynamic_batch: bool = True, output: str = "graph",
              **select_forms: Any) -> fx.GraphModule | torch.nn.Module:
-    """Remove units and return a dense, smaller ``torch.fx.GraphModule`` that computes what
-    ``zero_units(copy(model), graph, plan)`` computes (the *zeroed original*).
+    """Remove units: a smaller model that computes what the zeroed original computes.
 
     Parameters
     ----------
     model : nn.Module
-        Not modified. Compressed in eval mode (a model in training mode gets a warning).
+        Not modified; compressed in eval mode.
     example_inputs : Tensor, tuple or dict
-        Positional inputs (a tensor or a tuple) or keyword inputs (a dict); finite.
+        Positional inputs (a tensor or a tuple) or keyword inputs (a dict).
     selection : Selection, optional
-        :class:`etp_fx.Budget`, :class:`etp_fx.Ratio`, :class:`etp_fx.Threshold` or
-        :class:`etp_fx.Plan`; or one keyword form with its options: ``remove=`` (a Plan),
-        ``threshold=``, ``ratio=``, ``target_macs=`` / ``target_params=`` (a Budget).
+        A ``Budget``, ``Ratio``, ``Threshold`` or ``Plan``; or one keyword form with its options:
+        ``remove=``, ``threshold=``, ``ratio=``, ``target_macs=`` or ``target_params=``.
     graph : DependencyGraph, optional
-        A graph traced from this model; its capture is reused where it fits, else the model is
-        captured again (once per graph). Weights are read from ``model`` as it is now.
+        A graph traced from this model (its capture is reused where it fits).
     verify : bool or float
-        Check the result against the zeroed original on the example and (batch-dynamic
-        results) a random draw at another batch size; see ``docs/verification.md``. ``True``
-        uses the dtype's tolerance relative to the output's scale (float64 1e-10, float32
-        1e-5, float16 and bfloat16 8 eps); a number is that tolerance instead; ``False`` skips
-        the check. A difference beyond the tolerance is rechecked in float64.
+        Check the result against the zeroed original (``docs/verification.md``) with the
+        dtype's tolerance (``True``), a given tolerance (a number), or not (``False``).
     keep_constants : bool, optional
-        Keep removed units' biases and norm shifts, folding their constants into consumers.
-        Default: False for a Plan, True for the norm-based selections.
+        Fold removed units' biases into consumers (default: True except for a Plan).
     allow_approximate : bool
-        Allow removing units of approximate groups; their deviation is reported, not raised.
+        Allow removing units of approximate groups (their deviation is reported).
     dynamic_batch : bool
-        Accept every input size the model's code allows (batch, sequence length, image size,
-        node and edge counts; checked at another batch), else the example's sizes only.
+        Accept every input size the model's code allows (batch, sequence, image, nodes).
     output : {"graph", "module"}
-        ``"graph"``: a dense ``torch.fx.GraphModule``. ``"module"``: a deep copy of ``model``
-        in its own class with smaller tensors and updated size attributes (a Hugging Face
-        model keeps ``generate()``, ``config`` and ``save_pretrained``; see ``docs/llm.md``
-        and :func:`etp_fx.compress_module`).
+        A dense ``torch.fx.GraphModule``, or a copy of ``model`` in its own class (Hugging
+        Face models keep ``generate()`` and ``save_pretrained``; ``docs/llm.md``).
 
     Returns
     -------
     torch.fx.GraphModule or nn.Module
-        The graph's ``meta["etp_report"]`` (the module's ``etp_report``): params, MACs (at
-        ``macs_counted_at``), groups, folds, ``verified``.
+        With the report (params, MACs, groups, folds, checks) in ``meta["etp_report"]``.
 
     Examples
     --------
@@ -118,13 +106,12 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     args, kw, graph = _prepared(model, example_inputs, graph, rtol)
     plan = _select(selection, graph, model, allow_approximate)                     # select
     base, traced = capture_for(model, graph, args, kw, dynamic_batch)             # capture
-    job = Job(model, graph, base, plan, traced, (args, kw),
-              selection.keeps_constants if keep_constants is None else keep_constants,
+    keep = selection.keeps_constants if keep_constants is None else keep_constants
+    job = Job(model, graph, base, plan, traced, (args, kw), keep,
               tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
     small = _surgery_of(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify
-    failed = _failed_checks(small)
-    if failed and not _approximate(graph, plan):
-        raise _refusal(job, failed)
+    if _failed_checks(small) and not _approximate(graph, plan):
+        raise _refusal(job, _failed_checks(small))
     return small
 
 
@@ -184,12 +171,7 @@ def _check_weights(model: torch.nn.Module) -> None:
 def _select(selection: Selection, graph: DependencyGraph, model: torch.nn.Module,
             allow_approximate: bool) -> dict[str, list[int]]:
     """The plan; approximate groups only with consent."""
-    ranked = model
-    if not isinstance(selection, Plan) and any(p.dtype == torch.float64
-                                               for p in model.parameters()):
-        # the norm kernel reduces in float32 and refuses float64 weights: rank a float32 copy
-        ranked = copy.deepcopy(model).float()
-    plan = selection.select(graph, ranked, allow_approximate=allow_approximate)
+    plan = selection.select(graph, model, allow_approximate=allow_approximate)
     approximate = _approximate(graph, plan)
     if approximate and not allow_approximate:
         raise PlanError(f"removing units of {approximate[:3]} is approximate "
@@ -310,17 +292,4 @@ def _report(job: Job, g2: DependencyGraph, gm: fx.GraphModule, fold_lines: list[
               "capture_notes": list(job.base.module.meta.get("etp_capture_notes", [])),
               "dynamic_dims": job.base.module.meta.get("etp_dynamic_dims"),
               "pinned_dims": job.base.module.meta.get("etp_pinned_dims")}
-    return report | _headline(verified)
-
-
-def _headline(verified: list[dict]) -> dict:
-    """The example's deviation at the top level (``max_abs_diff``, ``output_scale``), and the
-    largest float64 recheck, where one ran."""
-    out: dict[str, Any] = {}
-    first = next((r for r in verified if "max_abs_diff" in r), None)
-    if first is not None:
-        out.update(max_abs_diff=first["max_abs_diff"], output_scale=first["output_scale"])
-    rechecked = [r["float64_rel_diff"] for r in verified if "float64_rel_diff" in r]
-    if rechecked:
-        out["float64_rel_diff"] = None if None in rechecked else max(rechecked)
-    return out
+    return report | headline(verified)
