@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import describe_inputs, eval_mode, untouched
+from ..capture import another_shape, describe_inputs, eval_mode, untouched
 from ..errors import OptionError, VerificationError
 
 __all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "check_rtol", "tolerance_for",
@@ -200,7 +200,7 @@ class Check:
     """One set of inputs the compressed model is verified on, with the zeroed original's
     output on them (computed before the rewrite)."""
 
-    name: str  # "example" or "other batch"
+    name: str  # "example", "other batch" or "other shape"
     args: tuple
     kw: dict
     reference: Any
@@ -230,7 +230,21 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     checks = [Check("example", args, kw, reference, is_traced)]
     if other_batch:
         checks.append(_other_batch_check(zeroed, model, example, _batch_of(*traced)))
+        checks += _other_shape_check(zeroed, example)
     return checks
+
+
+def _other_shape_check(zeroed: fx.GraphModule, example: tuple[tuple, dict]) -> list[Check]:
+    """One more check where the capture keeps a dim other than the batch dynamic (a sequence
+    length, an image size, a node count): every such dim grown by one."""
+    dims = zeroed.meta.get("etp_dynamic_dims") or {}
+    if not any(s == "dynamic" and int(d) != 0 for per in dims.values() for d, s in per.items()):
+        return []
+    args, kw = another_shape(zeroed, *example)
+    with torch.no_grad():
+        reference = zeroed(*args, **kw)
+    check_finite(reference, args, kw)
+    return [Check("other shape", args, kw, reference, False)]
 
 
 def _run_zeroed(zeroed: fx.GraphModule, args: tuple, kw: dict, traced: tuple[tuple, dict]) -> Any:
