@@ -194,7 +194,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     p.add_argument("--epochs", type=_nonneg_int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--strength", type=float, default=d.strength,
-                   help=f"ETP strength, normalised per group at initialisation (default {d.strength})")
+                   help="a fixed ETP strength, for experts; by default the MACs target "
+                        "(--target-macs) drives the strength")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"remove units whose norm is below this share of their group's largest (default {d.threshold})")
     p.add_argument("--target-macs", type=float, default=None, metavar="SHARE",
