@@ -4,10 +4,13 @@ Two families, each an interpreter module (:class:`Net`) that runs a drawn list o
 
 - ``cnn``: input ``[B, C, H, W]``; blocks conv-bn-act (with group / depthwise convs), depthwise
   conv, residual, channel concat, split/chunk/slice, pooling, norms (BatchNorm, GroupNorm,
-  LayerNorm / RMSNorm over channels via permute), squeeze-excitation; heads pool / mean /
-  flatten (channels first or last) -> Linear, or a 1x1 conv.
+  LayerNorm / RMSNorm over channels via permute), squeeze-excitation, convs whose weight is
+  standardised or normalised over its fan-in (weight standardisation, weight norm); heads
+  pool / mean / flatten (channels first or last) -> Linear, or a 1x1 conv.
 - ``token``: input ``[B, T, D]`` (or token ids through an ``nn.Embedding``); blocks Linear,
-  MLP and gated-MLP residuals, LayerNorm / RMSNorm / GroupNorm, multi-head and grouped-query
+  MLP and gated-MLP residuals, LayerNorm / RMSNorm / GroupNorm, statistics over the features
+  (a Hugging Face style RMSNorm of pow/mean/rsqrt, standardisation by mean and variance, a
+  softmax gate, logsumexp, an abs-max scale), multi-head and grouped-query
   attention (fused q/k/v split or unbound, or separate; ``scaled_dot_product_attention``,
   explicit matmul/softmax or einsum; kv heads repeated with ``enable_gqa``, ``expand+reshape`` or
   ``repeat_interleave``), concat, einsum / matmul with a raw ``nn.Parameter``, token mixing
@@ -257,6 +260,32 @@ class SE2d(nn.Module):
         return x * s[:, :, None, None]
 
 
+class StdConv2d(nn.Module):
+    """A conv whose weight is standardised over its fan-in (the previous layer's channels):
+    ``F.batch_norm`` on the reshaped weight (timm's StdConv2d), ``var_mean``, or weight norm
+    ``g * v / ||v||``. Reductions over a pruned dim applied to a weight."""
+
+    def __init__(self, c: int, b: B) -> None:
+        super().__init__()
+        self.how = b.how
+        self.conv = nn.Conv2d(c, b.out, b.k, padding=b.k // 2, bias=b.bias)
+        self.gain = nn.Parameter(torch.rand(b.out, 1, 1, 1) + 0.5) if b.how == "wn" else None
+        self.act = _act(b.act)
+
+    def weight(self) -> torch.Tensor:
+        w = self.conv.weight
+        if self.how == "bn":
+            return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True,
+                                momentum=0.0, eps=1e-5).reshape_as(w)
+        if self.how == "var_mean":
+            v, m = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+            return (w - m) / torch.sqrt(v + 1e-5)
+        return self.gain * w / torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)
+
+    def forward(self, x):
+        return self.act(F.conv2d(x, self.weight(), self.conv.bias, padding=self.conv.padding))
+
+
 class Head2d(nn.Module):
     def __init__(self, c: int, s: int, b: B) -> None:
         super().__init__()
@@ -344,6 +373,30 @@ class Norm1d(nn.Module):
         if self.kind == "gn":  # GroupNorm wants channels at dim 1
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         return self.norm(x)
+
+
+class Stat1d(nn.Module):
+    """Statistics over the feature dim, written out as models do: a Hugging Face RMSNorm
+    (pow, mean, rsqrt, weight), standardisation by mean and variance, a softmax gate
+    ``x * softmax(x)``, ``x - logsumexp(x)``, or ``x / (max |x| + 1)``."""
+
+    def __init__(self, d: int, b: B) -> None:
+        super().__init__()
+        self.kind = b.stat
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        if self.kind == "hf_rms":
+            var = x.pow(2).mean(-1, keepdim=True)
+            return self.weight * (x * torch.rsqrt(var + 1e-6))
+        if self.kind == "standardise":
+            v, m = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+            return (x - m) / torch.sqrt(v + 1e-5) * self.weight
+        if self.kind == "softmax_gate":
+            return x * torch.softmax(x, dim=-1) * self.weight
+        if self.kind == "logsumexp":
+            return x - torch.logsumexp(x, dim=-1, keepdim=True)
+        return x / (x.abs().amax(-1, keepdim=True) + 1.0) * self.weight
 
 
 class Attention(nn.Module):
@@ -468,8 +521,9 @@ class Head1d(nn.Module):
 
 
 _CNN_BLOCKS = {"conv": ConvBlock, "residual": Residual2d, "concat": Concat2d, "split": Split2d,
-               "pool": Pool2d, "norm": Norm2d, "se": SE2d}
+               "pool": Pool2d, "norm": Norm2d, "se": SE2d, "stdconv": StdConv2d}
 _TOKEN_BLOCKS = {"embed": Embed, "linear": LinearBlock, "mlp": MLPRes, "norm": Norm1d,
+                 "stat": Stat1d,
                  "attn": Attention, "concat": Concat1d, "raw": RawParam}
 
 
@@ -526,7 +580,7 @@ class Net(nn.Module):
                     ("blocks.%d.out.bias" % (len(self.blocks) - 1), 0)]
         if isinstance(first, Embed):
             out.append(("blocks.0.emb.weight", 0))
-        elif isinstance(first, ConvBlock):
+        elif isinstance(first, (ConvBlock, StdConv2d)):
             out.append(("blocks.0.conv.weight", 1))
         elif isinstance(first, LinearBlock):
             out.append(("blocks.0.fc.weight", 1))
@@ -549,7 +603,7 @@ _W = st.integers(2, MAX_C)
 
 @st.composite
 def _cnn_block(draw, c: int, s: int) -> B:
-    kinds = ["conv", "conv", "residual", "concat", "norm", "se"]
+    kinds = ["conv", "conv", "residual", "concat", "norm", "se", "stdconv"]
     if c >= 2:
         kinds.append("split")
     if s >= 4:
@@ -603,6 +657,12 @@ def _cnn_block(draw, c: int, s: int) -> B:
         norm = draw(st.sampled_from(["bn", "gn", "ln", "rms"]))
         groups = draw(st.sampled_from(_divisors(c))) if norm == "gn" else 0
         return B("norm", norm=norm, groups=groups)
+    if kind == "stdconv":
+        out, k = draw(_W), draw(st.sampled_from([1, 3]))
+        # batch statistics need more than one value: a fan-in of one has no batch_norm form
+        hows = ["bn", "var_mean", "wn"] if c * k * k > 1 else ["var_mean", "wn"]
+        return B("stdconv", how=draw(st.sampled_from(hows)), out=out, k=k,
+                 bias=draw(st.booleans()), act=draw(_ACTS), c_out=out)
     return B("se", hidden=draw(st.integers(1, 8)))
 
 
@@ -616,7 +676,8 @@ def _cnn_head(draw, c: int, s: int) -> B:
 
 @st.composite
 def _token_block(draw, d: int, t: int) -> B:
-    kind = draw(st.sampled_from(["linear", "mlp", "norm", "attn", "attn", "concat", "raw", "mix"]))
+    kind = draw(st.sampled_from(["linear", "mlp", "norm", "stat", "attn", "attn", "concat", "raw",
+                                 "mix"]))
     if kind == "linear":
         out = draw(_W)
         return B("linear", out=out, act=draw(_ACTS), bias=draw(st.booleans()), c_out=out)
@@ -630,6 +691,9 @@ def _token_block(draw, d: int, t: int) -> B:
         norm = draw(st.sampled_from(["ln", "rms"] + (["gn"] if gn_groups else [])))
         kw = {"groups": draw(st.sampled_from(gn_groups))} if norm == "gn" else {}
         return B("norm", norm=norm, affine=draw(st.booleans()), **kw)
+    if kind == "stat":
+        return B("stat", stat=draw(st.sampled_from(["hf_rms", "standardise", "softmax_gate",
+                                                    "logsumexp", "absmax"])))
     if kind == "attn":
         heads = draw(st.integers(1, 4))
         kv_heads = draw(st.sampled_from(_divisors(heads)))

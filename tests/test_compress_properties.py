@@ -90,3 +90,24 @@ def test_soak_finding_fold_map_holds_for_every_batch():
     x3 = torch.cat([x, x.flip(1), x])
     with torch.no_grad():
         torch.testing.assert_close(small(x3), zeroed(x3), rtol=1e-5, atol=1e-5)
+
+
+def test_a_symbolic_batch_times_heads_size_stays_symbolic():
+    """Found by the zoo oracle (vit_b_16): nn.MultiheadAttention views q as
+    ``[T, batch * heads, head_dim]``; removing heads rewrote that symbolic entry into the traced
+    batch's number, and the batch-dynamic result failed at any other batch size. The entry is
+    now scaled by the kept share of the heads."""
+    vt = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    m = vt.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=4, hidden_dim=32,
+                          mlp_dim=64, num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = etp_fx.trace(m, x)
+    heads = next(grp for grp in g.groups if grp.unit_kind == "head")
+    plan = {heads.id: [1, 2]}
+    small = etp_fx.compress(m, x, remove=plan, graph=g)
+    zeroed = etp_fx.zero_units(copy.deepcopy(m), g, plan)
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), zeroed(xb), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ compared with the one the layouts predict; a mismatch raises an error carrying t
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -14,7 +15,7 @@ import torch.fx as fx
 
 from ..capture import flat_inputs
 from ..errors import RewriteError
-from ..graph.layout import Term, kept_indices, new_size
+from ..graph.layout import Cat, Prod, Term, kept_indices, new_size, resolve, size_of
 from ..graph.rules.table import data_dependent, lookup
 from ..graph.tensors import get_tensor, set_tensor
 
@@ -36,20 +37,43 @@ class RewriteContext:
 
     def resize(self, node: fx.Node, old: Sequence[Any], first_dim: int = 0) -> list[Any]:
         """A size argument ``old`` describing dims ``first_dim..`` of ``node``'s output, with
-        the entries of dims whose width changes replaced; other entries (``-1``, symbolic batch
-        sizes) are kept as they are."""
+        the entries of dims whose width changes replaced; other entries are kept as they are.
+        A ``-1`` stays (the other entries fix it); a symbolic entry (a dynamic batch times
+        heads, say) is scaled by the kept share of the units, so it stays batch-generic."""
         dims = node.meta["etp_dims"]
         out = list(old)
         for i in range(len(out)):
             t = dims[first_dim + i]
-            if self.size(t) != new_size(t, {}):
-                out[i] = self.size(t)
+            if self.size(t) == new_size(t, {}) or (isinstance(out[i], int) and out[i] == -1):
+                continue
+            ratio = self._ratio(t) if isinstance(out[i], fx.Node) else None
+            out[i] = self.size(t) if ratio is None else _scaled(node, out[i], *ratio)
         return out
+
+    def _ratio(self, t: Term) -> tuple[int, int] | None:
+        """(new, original) widths of the factors of a product layout that change; None for a
+        concatenation (its width is not a multiple of its parts')."""
+        t = resolve(t)
+        if isinstance(t, Cat):
+            return None
+        num = den = 1
+        for part in (t.parts if isinstance(t, Prod) else (t,)):
+            if self.size(part) != size_of(part):
+                num, den = num * self.size(part), den * size_of(part)
+        return num, den
 
     def indices(self, t: Term) -> list[int] | None:
         """Kept indices of a dim, or None when the dim keeps everything."""
         idx = kept_indices(t, self.keep)
         return None if len(idx) == new_size(t, {}) else idx
+
+
+def _scaled(node: fx.Node, entry: fx.Node, num: int, den: int) -> fx.Node:
+    """A symbolic size ``entry * num // den``, computed in the graph before ``node`` (exact:
+    the entry is a multiple of the ``den`` units it counts)."""
+    with node.graph.inserting_before(node):
+        prod = node.graph.call_function(operator.mul, (entry, num))
+        return node.graph.call_function(operator.floordiv, (prod, den))
 
 
 def slice_tensor(t: torch.Tensor, dims: Sequence[Term], r: RewriteContext) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A *rule* is a function ``rule(ctx, node)`` that states, with ``ctx.same(a, b)``, which dims of
 the node's inputs and outputs index the same units, and tags parameter dims with roles. It may
 also carry a ``rewrite(rctx, node)`` hook that fixes the node's shape arguments once widths
-change. An op with no rule is a *barrier*: every dim it touches is frozen.
+change, and a ``zero(z, node)`` hook that says which output dims stay zero at removed units
+(read by the rules of norms, reductions and contractions through ``ctx.zeros``). An op with no
+rule is a *barrier*: every dim it touches is frozen.
 
 Register a rule for your own op in a few lines (see ``docs/rules.md``)::
 
@@ -26,11 +28,16 @@ import torch.fx as fx
 
 from ...errors import LayoutError
 from ..layout import Axis, Term, freeze, mark_inexact, unify
+from ..tensors import get_tensor
 
-__all__ = ["Rule", "FoldSpec", "RULES", "rule", "lookup", "RuleContext", "aten_ops"]
+__all__ = ["Rule", "FoldSpec", "RULES", "rule", "lookup", "RuleContext", "ZeroContext",
+           "aten_ops", "zero_flags"]
 
 RuleFn = Callable[["RuleContext", fx.Node], None]
 RewriteFn = Callable[[Any, fx.Node], None]
+# per output dim: is the value zero at every removed unit of that dim? (a tuple of lists for
+# a multi-output op; None: nothing known)
+ZeroFn = Callable[["ZeroContext", fx.Node], Any]
 
 
 @dataclass
@@ -45,6 +52,10 @@ class Rule:
     # for ops linear in one input whose other operand is a weight: ``fold(node) -> FoldSpec``
     # says which input and dim are contracted, so constants of removed units can be folded
     fold: Callable[[fx.Node], "FoldSpec | None"] | None = None
+    # which output dims are zero at removed units when they are zero at the inputs (see
+    # ``zero_flags``); without it nothing is known, so a norm or sum over the output is
+    # approximate
+    zero: ZeroFn | None = None
 
 
 @dataclass(frozen=True)
@@ -63,15 +74,17 @@ RULES: dict[Any, Rule] = {}
 
 def rule(*ops: Any, rewrite: RewriteFn | None = None,
          cost: Callable[[Any, fx.Node], Any] | None = None,
-         fold: Callable[[fx.Node], FoldSpec | None] | None = None):
+         fold: Callable[[fx.Node], FoldSpec | None] | None = None,
+         zero: ZeroFn | None = None):
     """Decorator: register ``fn(ctx, node)`` as the channel rule of ``ops``.
 
     ``ops`` are ``torch.ops.aten.*`` packets or overloads, custom ``torch.ops.<ns>.<op>`` ops,
     or Python callables that appear as ``call_function`` targets. A later registration replaces
-    an earlier one, so users can override built-in rules.
+    an earlier one, so users can override built-in rules. ``rewrite``, ``cost``, ``fold`` and
+    ``zero`` are the optional parts of the rule contract (``docs/rules.md``).
     """
     def deco(fn: RuleFn) -> RuleFn:
-        r = Rule(fn.__name__, fn, rewrite, cost, fold)
+        r = Rule(fn.__name__, fn, rewrite, cost, fold, zero)
         for op in ops:
             RULES[op] = r
         fn.rule = r  # type: ignore[attr-defined]
@@ -186,6 +199,15 @@ class RuleContext:
         """Mark these dims' groups approximate: removing zeroed units changes the output."""
         mark_inexact(terms, f"{why} at {self.where()}")
 
+    def zeros(self, x: Any) -> list[bool]:
+        """Per dim of tensor ``x``: is ``x`` zero at every removed unit of that dim in the
+        zeroed original? (All False when unknown; see :func:`zero_flags`.)"""
+        flags = zero_flags(x) if isinstance(x, fx.Node) else None
+        if isinstance(flags, list):
+            return flags
+        shape = self.shape(x)
+        return [False] * len(shape) if shape is not None else []
+
     def role(self, x: Any, dim: int, role: str) -> None:
         """Tag dim ``dim`` of parameter ``x`` (a get_attr node) with a role: ``out`` (writes the
         units), ``in`` (reads them), ``affine``/``bias``/``stat`` (per-unit vectors)."""
@@ -201,6 +223,103 @@ class RuleContext:
         return self.node.format_node()
 
 
+# --- which values are zero at removed units ----------------------------------------------------
+
+@dataclass
+class ZeroContext:
+    """What a rule's ``zero`` hook sees: the node and the zero flags of its inputs."""
+
+    node: fx.Node
+
+    def of(self, x: Any) -> Any:
+        """Flags of input ``x``: a list of bools (one per dim), a tuple of lists for a
+        multi-output node, or None when ``x`` is not a tensor node."""
+        return zero_flags(x) if isinstance(x, fx.Node) else None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``i`` or keyword ``name`` of the node."""
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def shape(self, x: Any) -> tuple[int, ...] | None:
+        """The traced shape of ``x`` (a node), or None when it is not a tensor."""
+        v = x.meta.get("val") if isinstance(x, fx.Node) else None
+        return tuple(size_value(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _shapes(node: fx.Node) -> Any:
+    """The output's shape, or a tuple of shapes for a multi-output node (None: no tensor)."""
+    def shape(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(size_value(d) for d in t.shape)
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return shape(v)
+    if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return tuple(shape(t) for t in v)
+    return None
+
+
+def _conform(flags: Any, shapes: Any) -> Any:
+    """``flags`` checked against the output's shapes (anything that does not fit is unknown);
+    a dim of size 1 is zero at removed units trivially (it has none)."""
+    if isinstance(shapes, tuple) and all(isinstance(d, int) for d in shapes):
+        ok = isinstance(flags, list) and len(flags) == len(shapes)
+        return [bool(f) or d <= 1 for f, d in zip(flags if ok else [False] * len(shapes), shapes)]
+    if isinstance(shapes, tuple):
+        parts = flags if isinstance(flags, tuple) and len(flags) == len(shapes) else \
+            (None,) * len(shapes)
+        return tuple(_conform(f, s) for f, s in zip(parts, shapes))
+    return None
+
+
+def _own_flags(node: fx.Node) -> Any:
+    """The flags of one node, its inputs' flags already known."""
+    shapes = _shapes(node)
+    if shapes is None:
+        return None
+    if node.op == "get_attr":  # a parameter is zeroed on every removed unit of each of its dims
+        gm = node.graph.owning_module
+        try:
+            param = isinstance(get_tensor(gm, str(node.target)), torch.nn.Parameter)
+        except AttributeError:
+            param = False
+        return _conform([param] * len(shapes), shapes)
+    r = lookup(node) if node.op == "call_function" else None
+    # a hook that fails fails the rule that asked: depgraph turns that into a barrier, shown
+    # in the summary (frozen, never guessed)
+    flags = r.zero(ZeroContext(node), node) if r is not None and r.zero is not None else None
+    return _conform(flags, shapes)
+
+
+def zero_flags(node: fx.Node) -> Any:
+    """Per output dim of ``node``: is its value zero at every removed unit of that dim, in the
+    *zeroed original* (every parameter slice of the removed units zeroed)?
+
+    A parameter is; a model input or a buffer is not; an op's output is what its rule's
+    ``zero`` hook says (nothing, without one). A norm, mean or softmax over a dim is exact
+    only when its input is zero there, and a sum or contraction only when an operand is.
+    Computed once per node and build (memoised in ``node.meta``), inputs first."""
+    stack = [(node, False)]
+    while stack:  # post-order over the not-yet-known ancestors (no recursion: graphs are deep)
+        n, inputs_done = stack.pop()
+        if _known(n):
+            continue
+        if inputs_done:
+            n.meta["etp_zero"] = (n.meta.get("etp_dims"), _own_flags(n))
+            continue
+        stack.append((n, True))
+        stack.extend((a, False) for a in n.all_input_nodes if not _known(a))
+    return node.meta["etp_zero"][1]
+
+
+def _known(n: fx.Node) -> bool:
+    """Are ``n``'s flags memoised for this build? (``build_graph`` gives every node new
+    layouts, so a memo from an earlier build is recomputed.)"""
+    memo = n.meta.get("etp_zero")
+    return memo is not None and memo[0] is n.meta.get("etp_dims")
+
+
 def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
     """``out = parts[i]``: the layouts of the i-th output of a multi-output op."""
     src, i = node.args
@@ -211,4 +330,11 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> None:
         ctx.freeze(ctx.out(), "indexing a non-tuple")
 
 
-RULES[operator.getitem] = Rule("getitem", getitem_rule)
+def getitem_zero(z: ZeroContext, node: fx.Node) -> Any:
+    """``parts[i]`` is zero where the i-th output of the op is."""
+    src, i = node.args
+    flags = z.of(src)
+    return flags[i] if isinstance(flags, tuple) and isinstance(i, int) else None
+
+
+RULES[operator.getitem] = Rule("getitem", getitem_rule, zero=getitem_zero)
