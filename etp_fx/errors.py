@@ -51,7 +51,11 @@ class RewriteError(Error, RuntimeError):
 
 class FoldError(Error, RuntimeError):
     """Removed units carry input-dependent values into a consumer: removing them would change
-    the result."""
+    the result. ``groups`` names the groups whose kept constants are to blame, where known."""
+
+    def __init__(self, message: str, groups: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message)
+        self.groups = tuple(groups)
 
 
 class VerificationError(Error, RuntimeError):

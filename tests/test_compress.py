@@ -181,3 +181,30 @@ def test_float32_rounding_is_told_apart_from_a_real_difference():
     report = small.meta["etp_report"]
     if report["max_abs_diff"] > 1e-12 * report["output_scale"]:  # float32 noise was there
         assert report["float64_rel_diff"] < 1e-9
+
+
+def _ln_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[0].bias.uniform_(0.5, 1.0)  # removed units keep these biases with kept constants
+    return m
+
+
+def test_unfoldable_default_constants_are_zeroed_whole_and_reported():
+    # kept biases of removed units go through a LayerNorm: input-dependent, no fold can carry
+    # them. With the default keep_constants those groups are zeroed whole, and the report
+    # says which; the result still matches its zeroed original
+    m, x = _ln_mlp(), torch.randn(5, 6)
+    small = etp_fx.compress(m, x, ratio=0.25)
+    rep = small.meta["etp_report"]
+    assert rep["zeroed_whole"] == ["0.weight[0]"] and rep["groups"]["0.weight[0]"]["new"] == 12
+    g = etp_fx.trace(m, x)
+    zeroed = etp_fx.zero_units(copy.deepcopy(m), g, {k: v["removed"] for k, v in rep["groups"].items()})
+    torch.testing.assert_close(small(x), zeroed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_constants_asked_for_are_never_dropped():
+    with pytest.raises(etp_fx.FoldError, match="depend on the input") as e:
+        etp_fx.compress(_ln_mlp(), torch.randn(5, 6), ratio=0.25, keep_constants=True)
+    assert e.value.groups == ("0.weight[0]",)

@@ -66,10 +66,14 @@ def test_unknown_op_is_a_barrier_that_freezes_its_channels():
     assert any("fft" in b for b in g.barriers)
 
 
-def test_layernorm_group_is_inexact():
+def test_layernorm_group_is_exact_only_where_removed_units_are_zero():
+    # a Linear's removed rows are zero at the norm's input: the norm keeps the original count
     m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    g = etp_fx.trace(m, torch.randn(3, 4))
-    (grp,) = g.groups
+    (grp,) = etp_fx.trace(m, torch.randn(3, 4)).groups
+    assert grp.exact
+    # after a sigmoid they are 0.5, not zero: removing them changes the norm's statistics
+    m = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.LayerNorm(8), nn.Linear(8, 2))
+    (grp,) = etp_fx.trace(m, torch.randn(3, 4)).groups
     assert not grp.exact and "layer_norm" in grp.inexact_reasons[0]
 
 

@@ -132,7 +132,8 @@ def test_torchvision_vit_heads_and_hidden():
             ("encoder.layers.encoder_layer_1.mlp.3.weight", 0),
             ("encoder.layers.encoder_layer_0.self_attention.out_proj.weight", 0),
             ("heads.head.weight", 1)} <= members(hidden)
-    assert not hidden.exact and "layer_norm" in hidden.inexact_reasons[0]
+    # removed hidden units are zero at every LayerNorm's input: the norm is kept exact
+    assert hidden.exact
     inproj = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
     kinds = sorted((grp.unit_kind, grp.size) for grp in groups_with(g, inproj, 0))
     assert kinds == [("head", 4), ("head-dim", 16)]
@@ -168,10 +169,10 @@ def test_llama_gqa_heads():
     # v head-dims are free of RoPE
     (vdim,) = [grp for grp in groups_with(g, a + "v_proj.weight", 0) if grp.size == 12]
     assert (a + "q_proj.weight", 0) not in members(vdim)
-    # the hidden dim runs through every RMSNorm: prunable but inexact
+    # the hidden dim runs through every RMSNorm, whose mean counts the removed zeros: exact
     (hidden,) = groups_with(g, "model.embed_tokens.weight", 1)
     assert ("lm_head.weight", 1) in members(hidden) and ("model.norm.weight", 0) in members(hidden)
-    assert not hidden.exact and any("mean" in r for r in hidden.inexact_reasons)
+    assert hidden.exact
     (mlp,) = groups_with(g, "model.layers.0.mlp.gate_proj.weight", 0)
     assert members(mlp) == {("model.layers.0.mlp.gate_proj.weight", 0),
                             ("model.layers.0.mlp.up_proj.weight", 0),
@@ -203,7 +204,7 @@ def test_bert_heads_and_hidden():
     (hidden,) = groups_with(g, emb + "word_embeddings.weight", 1)
     assert {(emb + "position_embeddings.weight", 1), (emb + "LayerNorm.weight", 0),
             ("bert.pooler.dense.weight", 1)} <= members(hidden)
-    assert not hidden.exact
+    assert hidden.exact
     assert coverage(m, args, kw, g) > 0.99  # all but the 2 classifier outputs
 
 

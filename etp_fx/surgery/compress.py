@@ -48,9 +48,13 @@ class Job:
     traced: tuple[tuple, dict]  # the inputs ``base`` was traced on
     example: tuple[tuple, dict]  # the inputs as given
     keep_constants: bool  # zero only the writing weights, fold the constants (else zero whole)
+    # keep_constants was the default, not asked for: groups whose constants cannot be folded
+    # are then zeroed whole (``whole``) instead of refusing the plan
+    fall_back: bool
     tolerance: Tolerance
     verify: bool
     dynamic_batch: bool
+    whole: frozenset = frozenset()  # groups zeroed whole although keep_constants is set
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection | None = None,
@@ -107,12 +111,22 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     plan = _select(selection, graph, model, allow_approximate)                     # select
     base, traced = capture_for(model, graph, args, kw, dynamic_batch)             # capture
     keep = selection.keeps_constants if keep_constants is None else keep_constants
-    job = Job(model, graph, base, plan, traced, (args, kw), keep,
+    job = Job(model, graph, base, plan, traced, (args, kw), keep, keep_constants is None,
               tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
+    return _verified(job)
+
+
+def _verified(job: Job) -> fx.GraphModule:
+    """The surgery's result once it verifies. With default kept constants that do not verify
+    (folded into ops that are not linear in them), the plan's groups are zeroed whole."""
     small = _surgery_of(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify
-    if _failed_checks(small) and not _approximate(graph, plan):
-        raise _refusal(job, _failed_checks(small))
-    return small
+    if not _failed_checks(small) or _approximate(job.graph, job.plan):
+        return small
+    if job.fall_back and job.keep_constants and set(job.plan) - job.whole:
+        retry = _surgery_of(dataclasses.replace(job, whole=frozenset(job.plan)))
+        if not _failed_checks(retry):
+            return retry
+    raise _refusal(job, _failed_checks(small))
 
 
 def _module_output(output: Any) -> bool:
@@ -123,13 +137,18 @@ def _module_output(output: Any) -> bool:
 
 
 def _surgery_of(job: Job) -> fx.GraphModule:
-    """:func:`_surgery`, naming a random or stateful forward when it makes values that look
-    input-dependent to the fold planner."""
-    try:
-        return _surgery(job)
-    except FoldError:
-        check_deterministic(job.model, *job.example)
-        raise
+    """:func:`_surgery`. Groups whose kept constants cannot be folded (a LayerNorm after them
+    makes them input-dependent) are zeroed whole when ``keep_constants`` was the default; a
+    random or stateful forward, which makes values look input-dependent, is named as such."""
+    while True:
+        try:
+            return _surgery(job)
+        except FoldError as e:
+            more = set(e.groups) - job.whole
+            if not (job.fall_back and job.keep_constants and more):
+                check_deterministic(job.model, *job.example)
+                raise
+            job = dataclasses.replace(job, whole=job.whole | more)
 
 
 def _verify_option(verify: Any) -> tuple[bool, float | None]:
@@ -189,7 +208,8 @@ def _zeroed_original(job: Job) -> fx.GraphModule:
     gm = working_copy(job.base.module, job.model)
     params = dict(gm.named_parameters(remove_duplicate=False))  # tied names too
     with torch.no_grad():
-        for name, dim, idx in zeroed_slices(job.base, job.plan, job.keep_constants, params):
+        for name, dim, idx in zeroed_slices(job.base, job.plan, job.keep_constants, params,
+                                            job.whole):
             params[name].index_fill_(dim, idx, 0.0)
     return gm
 
@@ -288,6 +308,7 @@ def _report(job: Job, g2: DependencyGraph, gm: fx.GraphModule, fold_lines: list[
     report = {"params_before": cost.params(), "params_after": counted,
               "macs_before": cost.macs(), "macs_after": cost.macs(widths),
               "macs_counted_at": describe_inputs(*at), "groups": groups, "folds": fold_lines,
+              "zeroed_whole": sorted(job.whole),
               "batch_dynamic": batch_dynamic(gm), "verified": verified,
               "capture_notes": list(job.base.module.meta.get("etp_capture_notes", [])),
               "dynamic_dims": job.base.module.meta.get("etp_dynamic_dims"),

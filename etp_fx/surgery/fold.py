@@ -149,7 +149,7 @@ def _one_fold(gm, node, spec, x, d, rem, values, group_of, rtol) -> Fold | None:
             f"units of group(s) {groups} removed before {node.format_node()} carry values that "
             f"depend on the input into weights that are not zero, so removing them would change "
             f"the result. Zero those units whole (zero_units with keep_constants=False), or "
-            f"train them to zero first.")
+            f"train them to zero first.", groups)
     free = _size_free(C, scale, spec, run, moved[:, 0], X, d, idx)
     return Fold(node.name, C, groups, size_free=free, scale=scale)
 

@@ -230,21 +230,45 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     checks = [Check("example", args, kw, reference, is_traced)]
     if other_batch:
         checks.append(_other_batch_check(zeroed, model, example, _batch_of(*traced)))
-        checks += _other_shape_check(zeroed, example)
+        checks += _other_shape_check(zeroed, model, example)
     return checks
 
 
-def _other_shape_check(zeroed: fx.GraphModule, example: tuple[tuple, dict]) -> list[Check]:
+def _other_shape_check(zeroed: fx.GraphModule, model: torch.nn.Module,
+                       example: tuple[tuple, dict]) -> list[Check]:
     """One more check where the capture keeps a dim other than the batch dynamic (a sequence
     length, an image size, a node count): every such dim grown by one."""
     dims = zeroed.meta.get("etp_dynamic_dims") or {}
     if not any(s == "dynamic" and int(d) != 0 for per in dims.values() for d, s in per.items()):
         return []
     args, kw = another_shape(zeroed, *example)
-    with torch.no_grad():
-        reference = zeroed(*args, **kw)
-    check_finite(reference, args, kw)
+    try:
+        with torch.no_grad():
+            reference = zeroed(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - a relation between dims, or the capture's fault
+        return [_refused_shape(model, args, kw, e)]
+    if non_finite(reference) is not None:
+        return [Check("other shape", args, kw, None, False,
+                      f"not checked: at {describe_inputs(args, kw)}, {non_finite(reference)}")]
     return [Check("other shape", args, kw, reference, False)]
+
+
+def _refused_shape(model: torch.nn.Module, args: tuple, kw: dict, error: Exception) -> Check:
+    """The capture refuses the grown shape. The dims may only vary together (a guard such as
+    ``h * w == 16`` keeps them dynamic but related), and then the model itself refuses that
+    shape too: not checked. A model that runs there while its capture refuses is an error."""
+    try:
+        with eval_mode(model), untouched(model), torch.no_grad():
+            model(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the model's code relates or fixes the sizes
+        return Check("other shape", args, kw, None, False,
+                     f"not checked: the model itself does not run at {describe_inputs(args, kw)} "
+                     f"({type(e).__name__})")
+    raise VerificationError(
+        f"the compressed model should accept the sizes the model accepts, but its capture "
+        f"refuses {describe_inputs(args, kw)}, which the model itself runs on: "
+        f"{type(error).__name__}: {_first_line(error)}. Pass dynamic_batch=False for a result "
+        f"at the example's sizes, and please report it.")
 
 
 def _run_zeroed(zeroed: fx.GraphModule, args: tuple, kw: dict, traced: tuple[tuple, dict]) -> Any:

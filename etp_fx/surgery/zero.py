@@ -1,7 +1,7 @@
 """``zero_units``: the *zeroed original*, the model that a compressed model must reproduce."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 import torch
 
@@ -30,15 +30,18 @@ def _zeroes(m: Member, param: torch.Tensor, keep_constants: bool) -> bool:
 
 
 def zeroed_slices(graph: DependencyGraph, plan: Mapping[str, list[int]], keep_constants: bool,
-                  params: Mapping[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
-    """``(param name, dim, indices)`` for every slice that :func:`zero_units` zeroes."""
+                  params: Mapping[str, torch.Tensor], whole: Collection[str] = ()
+                  ) -> list[tuple[str, int, torch.Tensor]]:
+    """``(param name, dim, indices)`` for every slice that :func:`zero_units` zeroes; the
+    groups in ``whole`` are zeroed whole whatever ``keep_constants`` says."""
     out = []
     for gid, units in plan.items():
         grp = graph[gid]
         gone = set(units)
+        keep = keep_constants and gid not in whole
         for m in grp.members:
             p = params.get(m.name)
-            if p is None or not _zeroes(m, p, keep_constants):
+            if p is None or not _zeroes(m, p, keep):
                 continue
             idx = [i for i, c in enumerate(m.coords) if c in gone]
             out.append((m.name, m.dim, torch.tensor(idx, dtype=torch.long, device=p.device)))
