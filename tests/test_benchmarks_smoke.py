@@ -2,6 +2,7 @@
 and the test checks the outcome, not only that files appeared: the exit code (non-zero when a
 cell failed), no failed cell in the raw results, and numbers in sane ranges (the MACs target
 reached, sizes shrunk, times positive). Timings themselves are not compared (a shared CPU)."""
+import subprocess
 import json
 import math
 import sys
@@ -70,3 +71,14 @@ def test_latency_quick(tmp_path):
     assert 1.95 <= pruned["macs_ratio"] < 3 and pruned["params_ratio"] > 1
     assert "efficiency" in (out / "latency.md").read_text()
     assert (out / "latency.png").stat().st_size > 0
+
+
+def test_hf_exact_share_runs_and_reports_outcomes(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "benchmarks.hf_exact_share", "llama", "t5",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "hf_exact_share.md").read_text()
+    assert "| llama | " in text and "| t5 | " in text and "Failures" not in text
+    llama = next(line for line in text.splitlines() if line.startswith("| llama | "))
+    assert "| 100.00 % |" in llama and "3: example" in llama  # hidden width exact, 3 checks

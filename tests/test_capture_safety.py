@@ -507,3 +507,24 @@ def test_a_random_or_stateful_forward_is_named(kind):
 
 def test_a_deterministic_model_passes_the_check():
     check_deterministic(_cnn(), (torch.randn(2, 3, 8, 8),), {})
+
+
+def test_a_non_contiguous_example_does_not_pin_the_result_to_its_strides(monkeypatch):
+    monkeypatch.setenv("ETP_FX_CAPTURE", "export")  # the path that guards on strides
+    # export guards on the strides of a sliced example (ids[:, :8] of a longer tensor), which
+    # made the result refuse every contiguous input; captures run on contiguous copies
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    m = Embed().eval()
+    ids = torch.randint(0, 50, (2, 12))[:, :8]
+    assert not ids.is_contiguous()
+    small = etp_fx.compress(m, (ids,), remove={"emb.weight[1]": [0, 3]})
+    other = torch.randint(0, 50, (3, 5))
+    zeroed = etp_fx.zero_units(copy.deepcopy(m), etp_fx.trace(m, (other,)), {"emb.weight[1]": [0, 3]})
+    torch.testing.assert_close(small(other), zeroed(other))

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from ..errors import InputError, ModelError, TraceError
 from .calls import CallForm, attach_binder, bind_call, call_form_for, filler, with_fillers
@@ -190,7 +191,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         forms (:mod:`.calls`: positional or keyword, an attention mask or none);
         ``meta["etp_capture_notes"]`` says what the capture fixed, e.g. ``use_cache=False``.
     """
-    kwargs = dict(kwargs or {})
+    # a non-contiguous example (a slice such as ids[:, :8]) makes export guard on its strides,
+    # so the result would refuse every ordinary tensor: capture on contiguous copies
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(),
+                                        (tuple(args), dict(kwargs or {})))
     dynamic = _dynamic_option(dynamic, dynamic_batch)
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"etp_fx needs a torch.nn.Module as the model, got {type(model).__name__}")
