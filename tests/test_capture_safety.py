@@ -224,7 +224,8 @@ def test_folded_constants_are_right_or_refused_at_other_sizes(traced):
     model, x = _cnn(), torch.randn(2, 3, *traced)
     g = etp_fx.trace(model, x)
     assert g.module.meta["etp_capture"] == "fx"
-    small = etp_fx.compress(model, x, ratio=0.5, graph=g)  # norm-based: constants folded
+    # constants asked for: folded, as a map behind a guard where they vary with position
+    small = etp_fx.compress(model, x, ratio=0.5, graph=g, keep_constants=True)
     assert small.meta["etp_report"]["folds"]
     plan = {gid: grp["removed"] for gid, grp in small.meta["etp_report"]["groups"].items()}
     zeroed = etp_fx.zero_units(copy.deepcopy(model), g, plan, keep_constants=True)
@@ -528,3 +529,22 @@ def test_a_non_contiguous_example_does_not_pin_the_result_to_its_strides(monkeyp
     other = torch.randint(0, 50, (3, 5))
     zeroed = etp_fx.zero_units(copy.deepcopy(m), etp_fx.trace(m, (other,)), {"emb.weight[1]": [0, 3]})
     torch.testing.assert_close(small(other), zeroed(other))
+
+
+def test_default_constants_never_pin_a_size_dynamic_result():
+    # with the default keep_constants, groups whose constants would need a guarded map are
+    # zeroed whole instead: the result is right at every size the model accepts
+    model, x = _cnn(), torch.randn(2, 3, 8, 8)
+    small = etp_fx.compress(model, x, ratio=0.5)
+    rep = small.meta["etp_report"]
+    assert rep["zeroed_whole"]
+    plan = {gid: grp["removed"] for gid, grp in rep["groups"].items()}
+    g = etp_fx.trace(model, x)
+    whole = {gid: plan[gid] for gid in rep["zeroed_whole"]}
+    zeroed = etp_fx.zero_units(copy.deepcopy(model), g, whole)
+    zeroed = etp_fx.zero_units(zeroed, g, {k: v for k, v in plan.items() if k not in whole},
+                               keep_constants=True)
+    for size in [(1, 1), (8, 1), (12, 12)]:
+        xs = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(small(xs), zeroed(xs), rtol=1e-5, atol=1e-5)

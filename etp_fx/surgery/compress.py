@@ -136,6 +136,17 @@ def _module_output(output: Any) -> bool:
     return output == "module"
 
 
+def _check_size_free(job: Job, folds: list) -> None:
+    """A constant that varies with position (a removed unit's bias seen through zero padding)
+    is folded as a map that only fits the traced size. When the default kept constants would
+    pin a size-dynamic result that way, those groups are zeroed whole instead (signalled to
+    :func:`_surgery_of` as a FoldError naming them)."""
+    pinned = {gid for f in folds if not f.size_free for gid in f.groups} - job.whole
+    if pinned and job.fall_back and job.keep_constants and job.dynamic_batch:
+        raise FoldError(f"position-dependent constants of {sorted(pinned)} would pin the "
+                        f"result's sizes", sorted(pinned))
+
+
 def _surgery_of(job: Job) -> fx.GraphModule:
     """:func:`_surgery`. Groups whose kept constants cannot be folded (a LayerNorm after them
     makes them input-dependent) are zeroed whole when ``keep_constants`` was the default; a
@@ -225,6 +236,7 @@ def _surgery(job: Job) -> fx.GraphModule:
     ran: list = []  # planning folds runs the zeroed original once (when there is a fold)
     folds = plan_folds(gm, keep, {g2[gid].uid: gid for gid in job.plan}, *job.traced,
                        outputs=ran)
+    _check_size_free(job, folds)
     checks = reference_checks(gm, job.model, job.example, job.traced, ran[0] if ran else None,
                               job.dynamic_batch) if job.verify else []
     del ran
