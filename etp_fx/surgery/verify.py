@@ -257,13 +257,10 @@ def _refused_shape(model: torch.nn.Module, args: tuple, kw: dict, error: Excepti
     """The capture refuses the grown shape. The dims may only vary together (a guard such as
     ``h * w == 16`` keeps them dynamic but related), and then the model itself refuses that
     shape too: not checked. A model that runs there while its capture refuses is an error."""
-    try:
-        with eval_mode(model), untouched(model), torch.no_grad():
-            model(*args, **kw)
-    except Exception as e:  # noqa: BLE001 - the model's code relates or fixes the sizes
-        return Check("other shape", args, kw, None, False,
-                     f"not checked: the model itself does not run at {describe_inputs(args, kw)} "
-                     f"({type(e).__name__})")
+    refused = _model_refuses(model, args, kw)
+    if refused:
+        return Check("other shape", args, kw, None, False, f"not checked: the model itself "
+                     f"does not run at {describe_inputs(args, kw)} ({refused})")
     raise VerificationError(
         f"the compressed model should accept the sizes the model accepts, but its capture "
         f"refuses {describe_inputs(args, kw)}, which the model itself runs on: "
@@ -343,18 +340,25 @@ def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
                  f"{last}")
 
 
+def _model_refuses(model: torch.nn.Module, args: tuple, kw: dict) -> str | None:
+    """The error's type name when the model's own code refuses these inputs, else None."""
+    try:
+        with eval_mode(model), untouched(model), torch.no_grad():
+            model(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the model's code fixes or relates the sizes
+        return type(e).__name__
+    return None
+
+
 def _refused_batch(model: torch.nn.Module, args: tuple, kw: dict, batch: int, other: int,
                    error: Exception) -> Check:
     """The capture refuses the other batch: if the model's own code runs on it, the capture
     was specialised to a batch although the result claims any (an etp_fx bug); if not, the
     draw is not an input of this model, and the batch cannot be checked."""
-    try:
-        with eval_mode(model), untouched(model), torch.no_grad():
-            model(*args, **kw)
-    except Exception as e:  # noqa: BLE001 - the model's code fixes the inputs
+    refused = _model_refuses(model, args, kw)
+    if refused:
         return Check("other batch", args, kw, None, False,
-                     f"not checked: the model itself does not run at batch {other} "
-                     f"({type(e).__name__})")
+                     f"not checked: the model itself does not run at batch {other} ({refused})")
     raise VerificationError(
         f"the compressed model should accept any batch size (dynamic_batch=True), but its "
         f"capture refuses batch {other} at dim 0 of the inputs (the example has {batch}), "
