@@ -97,25 +97,6 @@ def test_every_kind_of_forward_hook_sends_the_model_to_export(add_hook):
 
 # --- 2. the model is left as it was ---------------------------------------------------------
 
-class Counted(nn.Module):
-    """Counts its calls in a buffer (in place) and through a reassigned buffer; the output
-    does not depend on the counts. The BatchNorm is in train mode."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 4, 1)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.register_buffer("seen", torch.zeros(()))
-
-    def forward(self, x):
-        self.calls.add_(1)
-        self.seen = self.seen + 1
-        return self.head(torch.relu(self.bn(self.conv(x))))
-
-
 class TrainBN(nn.Module):
     """BatchNorm in train mode, no counter: the fast path takes it."""
 
@@ -128,6 +109,21 @@ class TrainBN(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+class Counted(TrainBN):
+    """Counts its calls in a buffer (in place) and through a reassigned buffer; the output
+    does not depend on the counts. The BatchNorm is in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        self.seen = self.seen + 1
+        return super().forward(x)
 
 
 def _state(model: nn.Module) -> dict:

@@ -1,15 +1,13 @@
 """DistributedDataParallel on CPU (gloo, 2 processes): the ETP penalty gives the same loss and
 the same gradients as one process on the whole batch."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import etp_fx
+from gloo import gloo_group, run_two_ranks
 from etp_fx.regularise.torque import ExponentialTorque
 
 
@@ -32,10 +30,7 @@ def step(model, reg, x, y):
 
 
 def _worker(rank, world, port, out):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model = make_model()
         x, y = data()
         g = etp_fx.trace(model, x[:1])
@@ -48,24 +43,13 @@ def _worker(rank, world, port, out):
         if rank == 0:
             torch.save({"loss": loss / world,
                         "grads": {n: p.grad for n, p in model.named_parameters()}}, out)
-    finally:
-        # both ranks leave together: a rank that tears gloo down while the other is still in
-        # a collective can abort the process ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_ddp_two_processes_match_one(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    run_two_ranks(_worker, out)
     got = torch.load(out)
 
     model = make_model()

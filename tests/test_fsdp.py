@@ -2,16 +2,14 @@
 dim 0, unevenly where the rows do not split in two; the regulariser reduces unit norms across
 the shards, so the penalty, its gradients, the unit norms and a target's first measurement
 equal those of one process on the whole batch."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import etp_fx
+from gloo import gloo_group, run_two_ranks
 from etp_fx.regularise.torque import ExponentialTorque
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -45,10 +43,7 @@ def step(model, reg, x, y):
 
 
 def _worker(rank, world, port, out):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
         model = make_model()
         x, y = data()
@@ -71,22 +66,13 @@ def _worker(rank, world, port, out):
                          "zero": reg.near_zero(model, 0.05), "left": reg.left}
         if rank == 0:
             torch.save(got, out)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_fsdp2_two_processes_match_one(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    run_two_ranks(_worker, out)
     got = torch.load(out)
 
     model = make_model()
