@@ -88,6 +88,13 @@ def _unit_dims(unit_sets: Sequence[UnitSet], shapes: Mapping[str, tuple[int, ...
     return dims
 
 
+def _narrow(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ready for a float32 ``vector_norm``: it widens half precision itself but refuses
+    to narrow float64, so float64 weights are cast first (the same values a float32 copy of
+    the model would give)."""
+    return w.float() if w.dtype == torch.float64 else w
+
+
 class UnitNorms:
     """Per-unit norms of many unit sets in a few tensor ops.
 
@@ -188,12 +195,13 @@ class UnitNorms:
         if leading and w.is_contiguous() and not torch.compiler.is_compiling():
             rows = w.reshape(-1, math.prod(w.shape[k:]))
             if ord == 2 and k == 1:  # CPU's L2 row norm is fast: 8x an elementwise pass
-                return torch.linalg.vector_norm(rows, 2, dim=1, dtype=torch.float32).square()
+                return torch.linalg.vector_norm(_narrow(rows), 2, dim=1,
+                                                dtype=torch.float32).square()
             if ord in (1, 2):  # |w| or w^2 then a BLAS row sum: 2-4x CPU's reductions
                 a = rows.float().abs() if ord == 1 else rows.float().square()
                 return a.mv(a.new_ones(a.shape[1])).view(w.shape[:k])
         if torch.compiler.is_compiling():  # inductor fuses this into one reduction
-            m = torch.linalg.vector_norm(w, ord, dim=other, dtype=torch.float32)
+            m = torch.linalg.vector_norm(_narrow(w), ord, dim=other, dtype=torch.float32)
             return m.square() if ord == 2 else m
         a = w.float().square() if ord == 2 else w.float().abs()
         return a.amax(dim=other) if ord == math.inf else a.sum(dim=other)

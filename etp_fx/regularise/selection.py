@@ -16,7 +16,6 @@ block (:mod:`etp_fx.regularise.uniform`), so one config value describes every la
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -86,7 +85,6 @@ class Selection:
     def select(self, graph, model: torch.nn.Module | None, *, norms: Mapping | None = None,
                allow_approximate: bool = False) -> dict[str, list[int]]:
         """The plan ``{group_id: [unit indices to remove]}`` for ``model`` (or ``norms``)."""
-        model = _rankable(model) if norms is None else model
         if self.uniform:
             return self._uniform_plan(graph, model, norms, allow_approximate)
         return self._plan(graph, model, norms, allow_approximate)
@@ -248,14 +246,6 @@ def _check_options(cls: type, options: Mapping[str, Any]) -> None:
     if unknown:
         raise SelectionError(f"unknown option(s) {unknown} for {cls.__name__}; it takes "
                              f"{allowed or 'no options'}")
-
-
-def _rankable(model: torch.nn.Module | None) -> torch.nn.Module | None:
-    """``model``, or a float32 copy of a model with float64 weights: the norm kernel reduces
-    in float32 and refuses float64 (the ranking is the same)."""
-    if model is None or not any(p.dtype == torch.float64 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).float()
 
 
 def _is_int(v: Any) -> bool:

@@ -393,9 +393,9 @@ def _outputs(small: fx.GraphModule, c: Check, traced_got: Any) -> Any:
 
 def _fails_on(c: Check, e: Exception) -> VerificationError:
     return VerificationError(
-            f"the compressed model fails on {describe_inputs(c.args, c.kw)} ({c.name}), where "
-            f"the zeroed original runs: {type(e).__name__}: {_first_line(e)}. "
-            f"{_dim_hint(c)}Please report it.")
+        f"the compressed model fails on {describe_inputs(c.args, c.kw)} ({c.name}), where the "
+        f"zeroed original runs: {type(e).__name__}: {_first_line(e)}. {_dim_hint(c)}Please "
+        f"report it.")
 
 
 def _dim_hint(c: Check) -> str:
