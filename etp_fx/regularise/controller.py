@@ -269,6 +269,20 @@ class StrengthController:
         self._first: tuple[float, float] | None = None  # (left, kept) at the first update
         self._loss = _LossWatch()
 
+    def set_range(self, start: float | None = None, most: float | None = None) -> None:
+        """Move ``start`` and ``most`` before the first update: a decoupled update's strength
+        multiplies the learning rate, so its useful range moves with ``1 / lr`` (see
+        :meth:`~etp_fx.ExponentialTorque.attach`)."""
+        if self.history:
+            raise RegulariserError("the strength's range can only be moved before the "
+                                   "controller's first update: attach before training")
+        if start is not None:
+            _check_positive("start", start)
+            self.start = float(start)
+        if most is not None:
+            _check_positive("most", most)
+            self.most = float(most)
+
     def set_steps(self, steps: int) -> None:
         """Set the number of training steps (calls of the regulariser)."""
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:

@@ -37,6 +37,8 @@ import torch
 from ..errors import DistanceError, RegulariserError
 from ..graph.signature import check_model_matches
 from .controller import StrengthController, keep_counts, removal_share, target_selection
+from .decoupled import DECOUPLED_MOST_RATE, DECOUPLED_START_RATE, group_lrs, initial_lr, \
+    optimiser_groups, proximal_step
 from .norms import Sharding, UnitNorms, local_shards, norm_order, sqrt0, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
@@ -116,6 +118,10 @@ class _TorqueBase:
                                   target_params=target_params, ratio=ratio,
                                   units=units)
         self.controller = _controller(target, steps, strength, control, preset)
+        # what the user set about the controlled strength's range (attach() moves the rest)
+        self._given = set(control or {}) | ({"start"} if strength is not None else set())
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._hook: Any = None
         fixed = _check_strength(strength, preset, self.controller is not None)
         self.strength = self.controller.start if self.controller is not None else fixed
         self.norm, self.ord = norm, _penalty_order(norm)
@@ -343,8 +349,8 @@ class _TorqueBase:
                                        "cannot keep: use every=1 inside torch.compile")
             return self.penalty(self._params(model))
         params = self._params(model)
-        if loss is not None and self.controller is not None:
-            self.controller.observe_loss(float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if loss is not None:
+            self.observe(loss)
         self._advance(params)
         if self.every > 1 and (self.calls - 1) % self.every:
             return torch.zeros((), device=params[0].device)
@@ -378,6 +384,77 @@ class _TorqueBase:
         penalty. ``reg(model)`` does this itself; call ``step`` instead when the penalty runs
         inside a compiled function (which cannot keep a counter), once per step, outside it."""
         self._advance(self._params(model))
+
+    # -- the decoupled (proximal) form
+    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
+               ) -> "_TorqueBase":
+        """Apply the penalty as a decoupled proximal update after every ``optimizer.step()``
+        instead of a loss term (see :mod:`etp_fx.regularise.decoupled` and docs/etp.md,
+        "Decoupled update"); returns the regulariser. Do not also add ``reg(model)`` to the
+        loss.
+
+        After each step it counts one training step (:attr:`calls`; the controller updates
+        the strength when due, as ``reg(model)`` does) and soft-thresholds the penalised
+        weights with ``t = lr * strength * c`` (each parameter's own group's current ``lr``).
+        ``model``: the trained model; default the one given as ``model=`` at construction or
+        to the last ``reg(model)`` call (else an error). With a target, the strength's start
+        and cap (unless given in ``control=`` / ``strength=``) are set for the optimiser's
+        initial ``lr``: the same per-step pull for SGD and AdamW, nothing to tune.
+        Raises :class:`RegulariserError` naming a penalised parameter that the optimiser does
+        not hold or that is frozen."""
+        model = self._attach_model(model)
+        groups = optimiser_groups(optimizer, self.names, self._params(model))
+        self.detach()
+        if self.controller is not None and not self.controller.history:
+            lr0 = initial_lr(optimizer, groups)
+            if lr0 > 0:
+                self.controller.set_range(
+                    None if "start" in self._given else DECOUPLED_START_RATE / lr0,
+                    None if "most" in self._given else DECOUPLED_MOST_RATE / lr0)
+                self.strength = self.controller.start
+        ref = weakref.ref(model)
+        self._hook = optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: self._after_step(opt, groups, ref))
+        return self
+
+    def detach(self) -> None:
+        """Stop the decoupled update :meth:`attach` registered (nothing if none)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        """Feed this step's task loss to a target's controller (it backs off when the loss
+        rises); computes nothing else, a no-op for a fixed strength. With :meth:`attach`,
+        call it once per step."""
+        if self.controller is not None:
+            self.controller.observe_loss(float(loss.detach() if isinstance(loss, torch.Tensor)
+                                               else loss))
+
+    def _attach_model(self, model: torch.nn.Module | None) -> torch.nn.Module:
+        if model is not None:
+            return model
+        for ref in (self._bound[0] if self._bound is not None else None, self._model_ref):
+            if ref is not None and ref() is not None:
+                return ref()
+        raise RegulariserError("attach(optimizer) does not know the model: pass it, "
+                               "reg.attach(optimizer, model), or build the regulariser with "
+                               "model=")
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, groups: Sequence[int],
+                    ref: "weakref.ref[torch.nn.Module]") -> None:
+        """The optimiser's post-step hook: count the step, then the proximal update."""
+        model = ref()
+        if model is None:
+            raise RegulariserError("the model this regulariser was attached with no longer "
+                                   "exists: call reg.detach() or attach it to the new model")
+        params = self._params(model)
+        self._advance(params)
+        if self.every > 1 and (self.calls - 1) % self.every:
+            return
+        k = self.strength * self.every
+        factors = [lr * k for lr in group_lrs(optimizer, groups)]
+        proximal_step(self.norms, params, self.ord, self._coefs(params[0].device), factors)
 
     def update(self, model: torch.nn.Module) -> float:
         """Update the strength from the model's weights now (whatever the step); returns it.
@@ -618,6 +695,11 @@ class ExponentialTorque(_TorqueBase):
     (0.01, 0.5)
     >>> reg = etp_fx.ExponentialTorque(g, strength=0.5)   # an L1 decay rate
     >>> loss = reg(net)                                  # add to the task loss
+    >>> opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    >>> reg = etp_fx.ExponentialTorque(g, target_macs=0.5, steps=1000).attach(opt, net)
+    >>> opt.step()                # or: a proximal step after every optimizer step instead
+    >>> reg.calls
+    1
     """
 
     def _force_params(self, base, scale):

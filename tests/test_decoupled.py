@@ -1,0 +1,195 @@
+"""The decoupled (proximal) form of the penalty: ``reg.attach(optimizer)``."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import etp_fx
+from etp_fx.errors import RegulariserError
+from etp_fx.regularise.torque import ExponentialTorque
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    return x, x[:, :3].argmax(1)
+
+
+def sgd_step(model, opt, x, y, reg=None):
+    loss = nn.functional.cross_entropy(model(x), y)
+    if reg is not None:
+        loss = loss + reg(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("norm,lr", [("l1", 1e-2), ("l2", 1e-3)])
+def test_one_sgd_step_equals_the_loss_term_step(norm, lr):
+    x, y = data()
+    a = mlp()
+    b = copy.deepcopy(a)
+    g = etp_fx.trace(a, x[:1])
+    loss_term = ExponentialTorque(g, strength=0.5, norm=norm, model=a)
+    decoupled = ExponentialTorque(g, strength=0.5, norm=norm, model=b)
+    opt_a = torch.optim.SGD(a.parameters(), lr=lr)
+    opt_b = torch.optim.SGD(b.parameters(), lr=lr)
+    decoupled.attach(opt_b)
+    before = [p.detach().clone() for p in a.parameters()]
+    sgd_step(a, opt_a, x[:32], y[:32], loss_term)
+    sgd_step(b, opt_b, x[:32], y[:32])
+    assert decoupled.calls == 1
+    moved, compared, total = 0.0, 0, 0
+    for w0, p, q in zip(before, a.parameters(), b.parameters()):
+        p, q = p.detach(), q.detach()
+        same_side = (torch.sign(w0) == torch.sign(p)) & (q != 0)  # nothing crossed zero
+        torch.testing.assert_close(q[same_side], p[same_side], rtol=0,
+                                   atol=1e-6 if norm == "l1" else 5e-7)
+        compared, total = compared + int(same_side.sum()), total + p.numel()
+        moved = max(moved, (p - w0).abs().max().item())
+    assert compared > 0.95 * total
+    assert moved > 1e-4  # the comparison is not between two unchanged models
+
+
+def test_weights_that_would_cross_zero_land_exactly_on_zero():
+    x, y = data()
+    model = mlp()
+    g = etp_fx.trace(model, x[:1])
+    reg = ExponentialTorque(g, strength=50.0, model=model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    w = model[2].weight
+    before = w.detach().clone()
+    sgd_step(model, opt, x[:32], y[:32])
+    zeros = (w == 0).sum().item()
+    assert zeros > 0.3 * w.numel()
+    assert not (torch.sign(w) * torch.sign(before) < 0).any()  # none jumped across zero
+
+
+def test_l2_units_go_to_zero_whole():
+    x, y = data()
+    model = mlp()
+    g = etp_fx.trace(model, x[:1])
+    reg = ExponentialTorque(g, strength=200.0, norm="l2", model=model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    sgd_step(model, opt, x[:32], y[:32])
+    norms = torch.cat(list(reg.unit_norms(model, "l2").values()))
+    assert (norms == 0).sum().item() > 5
+    rows = model[0].weight.detach()
+    assert ((rows == 0).all(1) | (rows != 0).all(1)).all()  # a unit is zeroed whole or not
+
+
+def test_the_hook_counts_steps_and_updates_the_strength_like_the_call():
+    x, y = data()
+    a, b = mlp(), mlp()
+    g = etp_fx.trace(a, x[:1])
+    by_call = ExponentialTorque(g, ratio=0.5, steps=40, control={"interval": 4}, model=a)
+    hooked = ExponentialTorque(g, ratio=0.5, steps=40, control={"interval": 4}, model=b)
+    opt_a = torch.optim.SGD(a.parameters(), lr=1e-2)
+    opt_b = torch.optim.SGD(b.parameters(), lr=1e-2)
+    hooked.attach(opt_b)
+    for i in range(10):
+        sgd_step(a, opt_a, x[:32], y[:32], by_call)
+        sgd_step(b, opt_b, x[:32], y[:32])
+    assert hooked.calls == by_call.calls == 10
+    steps = [s.step for s in hooked.controller.history]
+    assert steps == [s.step for s in by_call.controller.history] == [1, 5, 9]
+    hooked.detach()
+    frozen = [p.detach().clone() for p in b.parameters()]
+    opt_b.step()  # the gradients are still there: a step without the penalty
+    assert hooked.calls == 10
+    plain = copy.deepcopy(frozen)
+    for w, p in zip(plain, b.parameters()):
+        w -= 1e-2 * p.grad
+        torch.testing.assert_close(p.detach(), w)
+
+
+def test_observe_feeds_the_loss_guard():
+    x, _ = data()
+    model = mlp()
+    reg = ExponentialTorque(etp_fx.trace(model, x[:1]), ratio=0.5, steps=40, model=model)
+    for v in (2.0, 1.0, 0.5):
+        reg.observe(torch.tensor(v))
+    assert reg.controller._loss.n == 3  # noqa: SLF001 - the guard's own count
+    assert reg.calls == 0  # observing is not a step
+    ExponentialTorque(etp_fx.trace(model, x[:1]), strength=1.0).observe(1.0)  # no-op
+
+
+def test_each_parameter_uses_its_own_groups_lr():
+    x, y = data()
+    model = mlp()
+    reg = ExponentialTorque(etp_fx.trace(model, x[:1]), strength=5.0, model=model)
+    first = list(model[0].parameters())
+    rest = [p for m in (model[2], model[4]) for p in m.parameters()]
+    opt = torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest, "lr": 1e-2}])
+    reg.attach(opt)
+    before = [p.detach().clone() for p in first]
+    sgd_step(model, opt, x[:32], y[:32])
+    for w, p in zip(before, first):  # lr 0: neither the gradient nor the penalty moves it
+        assert torch.equal(w, p.detach())
+    assert (model[2].weight == 0).any()
+
+
+def _adamw_run(decoupled: bool, steps: int = 200) -> float:
+    x, y = data()
+    model = mlp()
+    reg = ExponentialTorque(etp_fx.trace(model, x[:1]), ratio=0.5, steps=steps, model=model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if decoupled:
+        reg.attach(opt)
+    for i in range(steps):
+        idx = torch.randint(0, len(y), (32,), generator=torch.Generator().manual_seed(i))
+        task = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        if decoupled:
+            reg.observe(task)
+        loss = task if decoupled else task + reg(model, loss=task)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return reg.mass_left(model)
+
+
+def test_adamw_with_a_target_empties_the_units_it_removes():
+    loss_term, decoupled = _adamw_run(False), _adamw_run(True)
+    assert loss_term > 0.03  # Adam's normalisation holds the loss-term form back
+    assert decoupled < 0.005
+    assert decoupled < loss_term / 10
+
+
+def test_errors_name_the_parameter():
+    x, _ = data()
+    model = mlp()
+    reg = ExponentialTorque(etp_fx.trace(model, x[:1]), strength=1.0, model=model)
+    opt = torch.optim.SGD(list(model[4].parameters()), lr=1e-2)
+    with pytest.raises(RegulariserError, match=r"'0\.weight'.*does not hold"):
+        reg.attach(opt)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(RegulariserError, match=r"'0\.weight'.*frozen"):
+        reg.attach(torch.optim.SGD(model.parameters(), lr=1e-2))
+    bare = ExponentialTorque(etp_fx.trace(model, x[:1]), strength=1.0)
+    with pytest.raises(RegulariserError, match="pass it"):
+        bare.attach(torch.optim.SGD(model.parameters(), lr=1e-2))
+
+
+def test_a_target_sets_the_range_from_the_learning_rate():
+    x, _ = data()
+    model = mlp()
+    g = etp_fx.trace(model, x[:1])
+    sgd = ExponentialTorque(g, ratio=0.5, steps=10, model=model)
+    adam = ExponentialTorque(g, ratio=0.5, steps=10, model=model)
+    sgd.attach(torch.optim.SGD(model.parameters(), lr=0.05))
+    adam.attach(torch.optim.AdamW(model.parameters(), lr=5e-3))
+    assert adam.strength == pytest.approx(10 * sgd.strength)  # the same lr * strength
+    assert adam.controller.most == pytest.approx(10 * sgd.controller.most)
+    given = ExponentialTorque(g, ratio=0.5, steps=10, model=model, strength=0.3,
+                              control={"most": 2.0})
+    given.attach(torch.optim.AdamW(model.parameters(), lr=5e-3))
+    assert (given.strength, given.controller.most) == (0.3, 2.0)
