@@ -14,6 +14,12 @@ backward, optimizer step):
 - ``etp-every8``, ``etp-every16``: lazy regularisation (``every=k``: one step in k applies
   k times the penalty);
 - ``paper``: ``preset="paper"`` (output rows of Conv/Linear weights only);
+- ``etp-decoupled``, ``etp-decoupled-l2``: the same penalty as a decoupled proximal update
+  (``reg.attach(optimizer)``: soft-thresholding after every ``optimizer.step()``, no loss
+  term), at every step; each on its own optimiser over the same weights;
+- ``prox-alone``, ``prox-alone-l2``: the proximal update by itself (``reg.proximal(model,
+  lr)``, no forward, backward or optimiser step), reported as its time over ``base``'s: the
+  update's own cost, steadier than the difference of two noisy steps;
 - ``groupnorm``: ``GroupNormPruner.regularize(model)`` after backward (DepGraph);
 - with ``--compile``: ``etp-compiled``, the penalty compiled with ``torch.compile``.
 
@@ -87,6 +93,13 @@ def make_variants(model, x, y, *, compile_: bool) -> dict:
     variants = {"base": step()}
     for k, r in regs.items():
         variants[k] = step(r)
+    for suffix, norm in (("", "l1"), ("-l2", "l2")):
+        reg = ExponentialTorque(g, strength=1e-3, norm=norm, model=model)
+        own = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        reg.attach(own, model)
+        variants[f"etp-decoupled{suffix}"] = decoupled_step(model, own, x, y)
+        variants[f"prox-alone{suffix}"] = lambda reg=reg: reg.proximal(model, 1e-3)
+        regs[f"etp-decoupled{suffix}"] = reg
     try:
         import torch_pruning as tp
         ignored = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
@@ -105,6 +118,15 @@ def make_variants(model, x, y, *, compile_: bool) -> dict:
         variants["etp-compiled"] = step(fn)
     units = {k: r.norms.n_units for k, r in regs.items()}
     return variants, units
+
+
+def decoupled_step(model, opt, x, y):
+    """One step whose optimiser applies the regulariser attached to it after the update."""
+    def run():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return run
 
 
 def measure(variants: dict, rounds: int, warmup: int) -> dict:
@@ -127,9 +149,12 @@ def overhead(xs, base) -> float:
     return statistics.median(a / b - 1 for a, b in zip(xs, base))
 
 
-def run_model(name, model, x, y, rounds, warmup, compile_):
+def run_model(name, model, x, y, rounds, warmup, compile_, only=None):
     torch.manual_seed(0)
     variants, units = make_variants(model, x, y, compile_=compile_)
+    if only:
+        variants = {k: f for k, f in variants.items() if k == "base" or k in only}
+        units = {k: n for k, n in units.items() if k in variants}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {n_params / 1e6:.2f} M params, input {tuple(x.shape)}; "
           f"{len(variants)} variants x {rounds} rounds", file=sys.stderr)
@@ -140,13 +165,25 @@ def run_model(name, model, x, y, rounds, warmup, compile_):
         rows.append({"variant": k, "wall_ms": 1e3 * statistics.median(w),
                      "cpu_ms": 1e3 * statistics.median(c),
                      "wall_overhead": None if k == "base" else overhead(w, res["wall"]["base"]),
-                     "cpu_overhead": None if k == "base" else overhead(c, res["cpu"]["base"])})
+                     "cpu_overhead": None if k == "base" else overhead(c, res["cpu"]["base"]),
+                     "alone": k.startswith("prox-alone")})
     return {"model": name, "params": n_params, "input": tuple(x.shape), "rows": rows,
             "units": units, "rounds": rounds}
 
 
 def pct(v):
     return "–" if v is None else f"{100 * v:+.1f} %"
+
+
+def share(row, key: str) -> str:
+    """The overhead column: ``variant / base - 1``, or for an update timed alone its own time
+    as a share of the base step (``variant / base``)."""
+    v = row[key]
+    return f"{100 * (1 + v):.2f} % of base" if row.get("alone") and v is not None else pct(v)
+
+
+def pct_of(v) -> str:
+    return "–" if v is None else f"{100 * (1 + v):.2f} %"
 
 
 def report(results, args) -> str:
@@ -174,6 +211,14 @@ def report(results, args) -> str:
                 f"step, torch-pruning's GroupNormPruner.regularize {pct(o['groupnorm'])}"
                 + (f"; ETP with every=8 {pct(o['etp-every8'])}, every=16 "
                    f"{pct(o.get('etp-every16'))}" if o.get("etp-every8") is not None else "")
+                + ".")
+        if o.get("etp-decoupled") is not None:
+            summary.append(
+                f"- {r['model']} (batch {r['input'][0]}): the decoupled update at every step "
+                f"(`reg.attach(optimizer)`) adds {pct(o['etp-decoupled'])} CPU time per step "
+                f"(L2 units {pct(o.get('etp-decoupled-l2'))}); timed alone it costs "
+                f"{pct_of(o.get('prox-alone'))} of a base step (L2 {pct_of(o.get('prox-alone-l2'))})"
+                + (f"; the loss-term form {pct(o['etp'])}" if o.get("etp") is not None else "")
                 + ".")
     if summary:
         lines += ["## Summary", ""] + summary + [""]
@@ -205,8 +250,8 @@ def report(results, args) -> str:
                   "|---|---:|---:|---:|---:|"]
         for row in r["rows"]:
             lines.append(f"| {row['variant']} | {row['wall_ms']:.1f} ms | "
-                         f"{pct(row['wall_overhead'])} | {row['cpu_ms']:.1f} ms | "
-                         f"{pct(row['cpu_overhead'])} |")
+                         f"{share(row, 'wall_overhead')} | {row['cpu_ms']:.1f} ms | "
+                         f"{share(row, 'cpu_overhead')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -221,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--models", default="resnet18,vit_tiny")
     p.add_argument("--compile", action="store_true", help="also time a compiled penalty")
+    p.add_argument("--only", default="", help="comma-separated variants to time (base always)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "regulariser_overhead.md"),
                    help="markdown report ('-' for stdout only)")
     args = p.parse_args(argv)
@@ -249,7 +295,7 @@ def main(argv=None) -> int:
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         results.append(run_model(name, model, x, y, rounds, 0 if args.quick else args.warmup,
-                                 args.compile))
+                                 args.compile, [v for v in args.only.split(",") if v]))
     text = report(results, args)
     print(text)
     if args.out != "-":

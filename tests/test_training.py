@@ -231,3 +231,41 @@ def test_etp_baseline_with_a_target_needs_no_strength(batch):
     assert rep["macs_after"] <= 0.5 * rep["macs_before"]
     with pytest.raises(etp_fx.RegulariserError, match="steps= goes with a target-driven"):
         baselines.make("etp", m, x[:1], strength=1.0, steps=3)
+
+
+def test_callback_attaches_the_decoupled_update(batch):
+    torch.manual_seed(0)
+    m = cnn()
+    x, y = batch
+    reg = ExponentialTorque(etp_fx.trace(m, x[:1]), target_macs=0.5)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    cb = ETPCallback(reg, decoupled=True)
+    cb.on_train_begin(_Args(), _State(), None, model=m, optimizer=opt)
+    assert reg.controller.steps == 5  # optimiser steps: the hook counts those
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+    assert reg.calls == 1 and reg.last_value is None  # no loss term
+    logs = {"loss": 1.5}
+    cb.on_log(_Args(), _State(), None, logs=logs, model=m)
+    assert "etp_penalty" not in logs and logs["etp_strength"] == reg.strength
+    assert reg.controller._loss.mean == 1.5
+    cb.on_train_end(_Args(), _State(), None)
+    opt.step()
+    assert reg.calls == 1  # detached
+    with pytest.raises(etp_fx.RegulariserError, match="optimizer and model"):
+        ETPCallback(reg, decoupled=True).on_train_begin(_Args(), _State(), None)
+
+
+def test_hugging_face_trainer_with_the_decoupled_update(tmp_path):
+    transformers, model, data = _tiny_bert()
+    graph = etp_fx.trace(model, {"input_ids": data[0]["input_ids"][None]})
+    reg = ExponentialTorque(graph, strength=0.2, model=model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, num_train_epochs=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    ETPCallback(reg, decoupled=True).attach(trainer)
+    trainer.train()
+    assert reg.calls == 2 and reg.last_value is None  # two optimiser steps, no loss term
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("etp_zero_units" in h for h in logs)

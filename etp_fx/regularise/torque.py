@@ -452,8 +452,21 @@ class _TorqueBase:
         self._advance(params)
         if self.every > 1 and (self.calls - 1) % self.every:
             return
-        k = self.strength * self.every
-        factors = [lr * k for lr in group_lrs(optimizer, groups)]
+        self._proximal(params, [lr * self.every for lr in group_lrs(optimizer, groups)])
+
+    def proximal(self, model: torch.nn.Module, lr: float | Sequence[float]) -> None:
+        """One decoupled update of the model's penalised weights now, with step size ``lr``
+        (one number, or one per parameter in :attr:`names` order) times the strength; counts
+        no step (what :meth:`attach` runs after each ``optimizer.step()``)."""
+        params = self._params(model)
+        lrs = [float(lr)] * len(params) if isinstance(lr, (int, float)) else list(lr)
+        if len(lrs) != len(params):
+            raise RegulariserError(f"proximal(): {len(lrs)} learning rates for "
+                                   f"{len(params)} penalised parameters")
+        self._proximal(params, lrs)
+
+    def _proximal(self, params: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
+        factors = [lr * self.strength for lr in lrs]
         proximal_step(self.norms, params, self.ord, self._coefs(params[0].device), factors)
 
     def update(self, model: torch.nn.Module) -> float:

@@ -291,6 +291,12 @@ class ETPCallback:
     ``target_macs=`` (or ``target_params=``, ``ratio=``, ``selection=``) logs ``etp_left``
     against that target.
 
+    ``decoupled=True``: the penalty is not added to the loss; at the start of training the
+    regulariser is attached to the Trainer's optimiser (:meth:`ExponentialTorque.attach`: a
+    proximal update after every optimiser step, which also counts the steps, so the training
+    length handed over is ``max_steps``), and the logged loss feeds the controller. The
+    recommended form with Adam(W).
+
     It follows the callback protocol without subclassing ``TrainerCallback`` (events it does
     not handle are no-ops), so ``import etp_fx`` never imports transformers.
 
@@ -305,8 +311,9 @@ class ETPCallback:
     def __init__(self, reg, *, clip: float | None = None, history: NormHistory | None = None,
                  tol: float = 5e-4, selection: Selection | None = None,
                  target_macs: float | None = None, target_params: float | None = None,
-                 ratio: float | None = None) -> None:
+                 ratio: float | None = None, decoupled: bool = False) -> None:
         self.reg, self.clip, self.history, self.tol = reg, clip, history, tol
+        self.decoupled = bool(decoupled)
         self.selection = target_selection(selection, target_macs=target_macs,
                                           target_params=target_params, ratio=ratio,
                                           units=reg.units)
@@ -318,6 +325,11 @@ class ETPCallback:
         Raises :class:`RegulariserError` if the trainer already has a penalty attached."""
         if getattr(trainer, "_etp_attached", False):
             raise RegulariserError("this trainer already has an ETP penalty attached")
+        if self.decoupled:  # no loss term: on_train_begin attaches to the optimiser
+            trainer._etp_attached = True
+            trainer.add_callback(self)
+            self.attached = True
+            return self
         original = trainer.compute_loss
         reg = self.reg
 
@@ -337,23 +349,39 @@ class ETPCallback:
             return _no_event
         raise AttributeError(name)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        """Hand the training length to a target-driven regulariser built without it."""
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Hand the training length to a target-driven regulariser built without it; with
+        ``decoupled=True`` attach the regulariser to the Trainer's optimiser."""
         ctl = getattr(self.reg, "controller", None)
         if ctl is not None and ctl.steps is None and state.max_steps and state.max_steps > 0:
-            ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+            ga = 1 if self.decoupled else int(getattr(args, "gradient_accumulation_steps", 1)
+                                              or 1)
             ctl.set_steps(int(state.max_steps) * ga)
+        if self.decoupled:
+            if optimizer is None or model is None:
+                raise RegulariserError("ETPCallback(decoupled=True) needs the Trainer's "
+                                       "optimizer and model at on_train_begin (transformers "
+                                       "passes both); attach the regulariser yourself with "
+                                       "reg.attach(optimizer, model) otherwise")
+            # accelerate wraps the optimiser; the step hooks run on the wrapped one
+            self.reg.attach(getattr(optimizer, "optimizer", optimizer), model)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Remove the decoupled update's hook (``decoupled=True``)."""
+        if self.decoupled:
+            self.reg.detach()
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         """Add ``etp_penalty``, ``etp_zero_units`` and, with a target, ``etp_strength`` and
         ``etp_left`` to the Trainer's logs."""
-        if logs is None or self.reg.last_value is None or "loss" not in logs:
+        if logs is None or "loss" not in logs or (self.reg.last_value is None and
+                                                  not self.decoupled):
             return control
-        ctl = getattr(self.reg, "controller", None)
-        if ctl is not None:
-            ctl.observe_loss(float(logs["loss"]))
-        extra = {"etp_penalty": float(self.reg.last_value)}
+        self.reg.observe(float(logs["loss"]))
+        extra = {} if self.reg.last_value is None else {
+            "etp_penalty": float(self.reg.last_value)}
         if model is not None:
             extra["etp_zero_units"] = self.reg.near_zero(model, self.tol)
             status = target_status(self.reg, model, self.selection)

@@ -5,6 +5,8 @@ For each task, optimiser and MACs target (4x, 8x) it trains a fresh model
 - ``target``: ``ExponentialTorque(graph, target_macs=1/x, steps=N)``: the target drives the
   strength, nothing tuned;
 - ``torque-target``: the same with the linear force (``Torque``);
+- ``target-decoupled``: the ``target`` regulariser as a decoupled proximal update
+  (``reg.attach(optimizer, model)`` and ``reg.observe(task_loss)``; no loss term);
 - ``fixed``: ``ExponentialTorque(graph, strength=2)`` (the strength the demo and the quality
   benchmark use);
 - ``magnitude``: no regulariser (dense training), then the same budget selection on the
@@ -106,17 +108,21 @@ def batches(x, y, epoch: int, seed: int, batch: int = 64):
 
 
 def train(model, x, y, *, epochs: int, opt_name: str, lr: float, seed: int, reg=None,
-          after_step=None):
+          after_step=None, decoupled: bool = False):
     n = len(y) // 64
     opt, sched = make_opt(opt_name, [p for p in model.parameters() if p.requires_grad], lr,
                           epochs * n)
+    if decoupled:  # the penalty as a proximal step after opt.step(), not in the loss
+        reg.attach(opt, model)
     torch.manual_seed(seed)
     if hasattr(model, "train") and not hasattr(model, "_in_spec"):
         model.train()
     for epoch in range(epochs):
         for xb, yb in batches(x, y, epoch, seed):
             loss = F.cross_entropy(model(xb), yb)
-            if reg is not None:  # the task loss lets a target-driven strength back off
+            if decoupled:
+                reg.observe(loss)
+            elif reg is not None:  # the task loss lets a target-driven strength back off
                 loss = loss + reg(model, loss=loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -161,6 +167,8 @@ def build_reg(method: str, graph, target: float, steps: int, control: dict | Non
     if method == "fixed":
         return etp_fx.ExponentialTorque(graph, strength=2.0)
     cls = etp_fx.Torque if method == "torque-target" else etp_fx.ExponentialTorque
+    if method == "target-decoupled":
+        method = "target"
     if method == "target-noknee":
         control = {**(control or {}), "knee": False}
     return cls(graph, target_macs=target, steps=steps, control=control)
@@ -182,7 +190,8 @@ def run(task: str, opt_name: str, method: str, speedup: float, seed: int,
     out = {"task": task, "opt": opt_name, "method": method, "speedup": speedup, "seed": seed,
            "control": control, "steps": steps}
     try:
-        train(model, xtr, ytr, epochs=epochs, opt_name=opt_name, lr=lr, seed=seed, reg=reg)
+        train(model, xtr, ytr, epochs=epochs, opt_name=opt_name, lr=lr, seed=seed, reg=reg,
+              decoupled=method == "target-decoupled")
     except FloatingPointError as e:  # the penalty's finite check: training diverged
         out.update(diverged=str(e)[:200], acc_trained=None, acc_compressed=None,
                    acc_finetuned=None)
@@ -213,7 +222,7 @@ def main(argv=None) -> None:
     p.add_argument("--opts", nargs="+", default=list(OPTIMISERS))
     p.add_argument("--methods", nargs="+",
                    default=["target", "target-noknee", "fixed", "magnitude",
-                            "torque-target"])
+                            "torque-target", "target-decoupled"])
     p.add_argument("--speedups", nargs="+", type=float, default=[4.0, 8.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--control", default=None, help="JSON dict of controller options")
