@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import time
 import traceback
 from typing import Any, Callable, Mapping
 
@@ -32,10 +34,10 @@ from ..graph.trace import trace_args
 from ..regularise.selection import Plan, Selection, selection_from
 from .module_attrs import apply_widths, conv_groups, inexpressible_groups, update_attributes
 from .module_config import update_config
-from .module_slice import add_fold_biases, bias_folds, removed_positions, slice_tensors
+from .module_slice import add_fold_biases, bias_folds, removed_positions, sliced_copy
 from .verify import (Check, check_finite, check_interface, check_rtol, deviation_message,
                      headline, non_finite, run_checks, tolerance_for)
-from .zero import zero_units
+from .zero import zero_units, zeroed_in_place
 
 __all__ = ["compress_module", "apply_widths", "module_plan", "other_inputs"]
 
@@ -86,19 +88,79 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
     check_rtol(rtol)
     selection = selection_from(selection, **select_forms)
     args, kw = normalize_inputs(example_inputs)
+    clock = _Clock()
     graph = graph if graph is not None else trace_args(model, args, kw)
+    clock.lap("trace")
     check_model_matches(graph, model)
     plan = module_plan(graph, model, selection, allow_approximate)
     keep_constants = selection.keeps_constants if keep_constants is None else keep_constants
-    zeroed = zero_units(copy.deepcopy(model), graph, plan, keep_constants=keep_constants)
-    small = copy.deepcopy(model)
-    report = _shrink(small, model, zeroed, graph, plan, args, kw, keep_constants)
+    clock.lap("plan")
+    approximate = allow_approximate and any(not graph[g].exact for g in plan)
+    return _pruned_copy(_ZeroedOriginal(model, graph, plan, keep_constants), args, kw, clock,
+                        verify=verify, rtol=rtol, approximate=approximate)
+
+
+def _pruned_copy(zeroed: _ZeroedOriginal, args: tuple, kw: dict, clock: _Clock, *,
+                 verify: bool, rtol: float | None, approximate: bool) -> torch.nn.Module:
+    """The pruned copy of ``zeroed.model`` and its report, verified when asked.
+
+    The references come first, from the user's model with the removed slices zeroed in
+    place (:func:`etp_fx.surgery.zero.zeroed_in_place`: only those slices are saved
+    meanwhile); then the pruned copy is built from the kept slices
+    (:func:`etp_fx.surgery.module_slice.sliced_copy`). No full-size copy of the model is
+    made, so the peak is about the model plus the pruned copy."""
+    model, graph, plan = zeroed.model, zeroed.graph, zeroed.plan
+    keep_constants = zeroed.keep_constants
+    with zeroed_in_place(model, graph, plan, keep_constants=keep_constants):
+        folds = bias_folds(graph, plan, model, args, kw) if keep_constants and plan else []
+        checks = _checks(model, args, kw) if verify else []
+    clock.lap("references")
+    gc.collect()  # the saved slices go before the pruned copy is built
+    small, tensors = sliced_copy(model, removed_positions(graph, plan))
+    report = _shrink(small, model, tensors, folds, graph, plan)
+    clock.lap("slice")
     if verify:
-        report.update(_verify(small, zeroed, model, args, kw, rtol, plan,
-                              approximate=allow_approximate and any(
-                                  not graph[g].exact for g in plan)))
+        report.update(_verify(small, checks, zeroed, args, kw, rtol, approximate))
+    clock.lap("verify")
+    report["seconds"] = clock.seconds
     small.etp_report = report
     return small
+
+
+class _Clock:
+    """Wall time per phase of :func:`compress_module` (``etp_report["seconds"]``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+
+class _ZeroedOriginal:
+    """The zeroed original as a separate model, built only when asked for (the float64
+    recheck, or naming the first module that differs after a failed check): a full-size
+    copy on the failure path only."""
+
+    def __init__(self, model: torch.nn.Module, graph: DependencyGraph,
+                 plan: Mapping[str, list[int]], keep_constants: bool) -> None:
+        self.model, self.graph, self.plan = model, graph, plan
+        self.keep_constants = keep_constants
+        self.built: torch.nn.Module | None = None
+
+    def copy(self) -> torch.nn.Module:
+        """A fresh zeroed copy (the float64 recheck converts the one it gets)."""
+        return zero_units(copy.deepcopy(self.model), self.graph, self.plan,
+                          keep_constants=self.keep_constants)
+
+    def get(self) -> torch.nn.Module:
+        """One zeroed copy, kept for the next call."""
+        if self.built is None:
+            self.built = self.copy()
+        return self.built
 
 
 def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selection,
@@ -140,12 +202,11 @@ def _include_predicate(graph: DependencyGraph, include: Any) -> Callable[[Any], 
     return lambda g: g.id in wanted or g.unit_kind in wanted
 
 
-def _shrink(small: torch.nn.Module, model: torch.nn.Module, zeroed: torch.nn.Module,
-            graph: DependencyGraph, plan: Mapping[str, list[int]], args: tuple, kw: dict,
-            keep_constants: bool) -> dict[str, Any]:
-    """Slice ``small`` in place, fix its attributes and config, fold constants; the report."""
-    folds = bias_folds(graph, plan, zeroed, args, kw) if keep_constants and plan else []
-    tensors = slice_tensors(small, removed_positions(graph, plan))
+def _shrink(small: torch.nn.Module, model: torch.nn.Module,
+            tensors: dict[str, tuple[list[int], list[int]]], folds: list[dict[str, Any]],
+            graph: DependencyGraph, plan: Mapping[str, list[int]]) -> dict[str, Any]:
+    """Fix the attributes and config of ``small`` (its tensors already sliced, ``tensors``)
+    and add the folded constants to its biases; the report."""
     modules, blocks = update_attributes(small, model, conv_groups(graph, kept_units(graph, plan)))
     fold_lines = add_fold_biases(small, folds)
     for f in folds:
@@ -207,8 +268,9 @@ def _run(model: torch.nn.Module, args: tuple, kw: dict) -> Any:
 
 def _checks(zeroed: torch.nn.Module, args: tuple, kw: dict) -> list[tuple[Check, str]]:
     """The example inputs and inputs of another shape (:func:`other_inputs`), each with the
-    zeroed original's output on them and a description; the other shape is not checked when
-    the model itself refuses it or returns NaN or Inf there."""
+    zeroed original's output on them (``zeroed``: the user's model zeroed in place) and a
+    description; the other shape is not checked when the model itself refuses it or returns
+    NaN or Inf there."""
     reference = _run(zeroed, args, kw)
     check_finite(reference, args, kw)
     checks = [(Check("example", args, kw, reference, False), "the example inputs")]
@@ -226,28 +288,28 @@ def _checks(zeroed: torch.nn.Module, args: tuple, kw: dict) -> list[tuple[Check,
     return checks + [(Check("other shape", a, k, None if bad else reference, False, note), what)]
 
 
-def _verify(small, zeroed, model, args, kw, rtol, plan, approximate: bool) -> dict[str, Any]:
-    """Run ``small`` against the zeroed original on the example inputs and on another shape,
-    as the graph output is verified (:func:`etp_fx.surgery.verify.run_checks`: the tolerance
-    of the model's dtype or ``rtol``, a float64 recheck beyond it, integer outputs exact)."""
-    checks = _checks(zeroed, args, kw)
-    tol = tolerance_for(model, args, kw, rtol)
-    records = run_checks([c for c, _ in checks], small, None, tol,
-                         lambda: copy.deepcopy(zeroed),
+def _verify(small: torch.nn.Module, checks: list[tuple[Check, str]], zeroed: _ZeroedOriginal,
+            args: tuple, kw: dict, rtol: float | None, approximate: bool) -> dict[str, Any]:
+    """Run ``small`` against the zeroed original's outputs (``checks``, :func:`_checks`) on
+    the example inputs and on another shape, as the graph output is verified
+    (:func:`etp_fx.surgery.verify.run_checks`: the tolerance of the model's dtype or
+    ``rtol``, a float64 recheck beyond it, integer outputs exact)."""
+    tol = tolerance_for(zeroed.model, args, kw, rtol)
+    records = run_checks([c for c, _ in checks], small, None, tol, zeroed.copy,
                          run=lambda c: _outputs_of(small, zeroed, c))
     failed = [r for r in records if r["passed"] is False]
     if failed and not approximate:
         c = next(c for c, _ in checks if c.name == failed[0]["check"])
-        raise ModuleOutputError(deviation_message(failed[0], plan, cause=(
+        raise ModuleOutputError(deviation_message(failed[0], zeroed.plan, cause=(
             f"A module's forward does not follow its new widths"
-            f"{_first_difference(small, zeroed, c.args, c.kw)}; use output='graph' "
+            f"{_first_difference(small, zeroed.get(), c.args, c.kw)}; use output='graph' "
             f"(etp_fx.compress).")))
     checked = [what for (_, what), r in zip(checks, records) if r["passed"] or
                (r["passed"] is False and approximate)]
     return {"verified": records, "checked": checked, **headline(records)}
 
 
-def _outputs_of(small: torch.nn.Module, zeroed: torch.nn.Module, c: Check) -> Any:
+def _outputs_of(small: torch.nn.Module, zeroed: _ZeroedOriginal, c: Check) -> Any:
     """``small``'s outputs on a check's inputs; other outputs than the zeroed original's (in
     number, shape or dtype) name the first module whose output changed shape."""
     got = _run_small(small, c.args, c.kw, c.name)
@@ -256,8 +318,8 @@ def _outputs_of(small: torch.nn.Module, zeroed: torch.nn.Module, c: Check) -> An
     except VerificationError as e:
         raise ModuleOutputError(
             f"on {describe_inputs(c.args, c.kw)} ({c.name}), {e}"
-            f"{_first_difference(small, zeroed, c.args, c.kw)}; a forward probably hard-codes "
-            f"a width. Use output='graph' (etp_fx.compress)") from None
+            f"{_first_difference(small, zeroed.get(), c.args, c.kw)}; a forward probably "
+            f"hard-codes a width. Use output='graph' (etp_fx.compress)") from None
     return got
 
 

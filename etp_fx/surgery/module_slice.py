@@ -23,8 +23,8 @@ from ..graph.tensors import get_tensor, set_tensor
 from .fold import channel_constant, plan_folds
 from .rewrite import RewriteContext, slice_tensor
 
-__all__ = ["removed_positions", "slice_tensors", "bias_folds", "add_fold_biases",
-           "owner_of"]
+__all__ = ["removed_positions", "slice_tensors", "sliced_copy", "bias_folds",
+           "add_fold_biases", "owner_of"]
 
 
 def owner_of(name: str) -> str:
@@ -56,44 +56,94 @@ def _tensors_by_identity(model: torch.nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def slice_tensors(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
-                  ) -> dict[str, tuple[list[int], list[int]]]:
-    """Slice, in place, every tensor of ``model`` named in ``removed``; tied tensors stay tied
-    (one new tensor set under every name). Returns ``{name: (old shape, new shape)}``."""
-    changed = {}
+def _sliced(old: torch.Tensor, dims: Mapping[int, list[int]]) -> torch.Tensor:
+    """``old`` without the given indices of each dim: a new contiguous tensor (a Parameter
+    with the same ``requires_grad`` for a Parameter)."""
+    new = old.detach()
+    for d, idx in sorted(dims.items()):
+        gone = set(idx)
+        keep = [i for i in range(new.shape[d]) if i not in gone]
+        new = new.index_select(d, torch.tensor(keep, dtype=torch.long, device=new.device))
+    new = new.contiguous()
+    if isinstance(old, torch.nn.Parameter):
+        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    return new
+
+
+def _slices(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
+            ) -> list[tuple[list[str], dict[int, list[int]]]]:
+    """``(every name of one tensor, {dim: removed indices})`` for each tensor that loses
+    indices; a tied tensor loses the union of what its names lose."""
+    out = []
     for names in _tensors_by_identity(model).values():
         dims: dict[int, list[int]] = {}
         for n in names:
             for d, idx in removed.get(n, {}).items():
                 dims[d] = sorted(set(dims.get(d, [])) | set(idx))
-        if not dims:
-            continue
+        if dims:
+            out.append((names, dims))
+    return out
+
+
+def slice_tensors(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
+                  ) -> dict[str, tuple[list[int], list[int]]]:
+    """Slice, in place, every tensor of ``model`` named in ``removed``; tied tensors stay tied
+    (one new tensor set under every name). Returns ``{name: (old shape, new shape)}``."""
+    changed = {}
+    for names, dims in _slices(model, removed):
         old = get_tensor(model, names[0])
-        new = old.detach()
-        for d, idx in sorted(dims.items()):
-            gone = set(idx)
-            keep = [i for i in range(new.shape[d]) if i not in gone]
-            new = new.index_select(d, torch.tensor(keep, dtype=torch.long, device=new.device))
-        new = new.contiguous()
-        if isinstance(old, torch.nn.Parameter):
-            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        new = _sliced(old, dims)
         for n in names:
             set_tensor(model, n, new)
             changed[n] = (list(old.shape), list(new.shape))
     return changed
 
 
+def sliced_copy(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
+                ) -> tuple[torch.nn.Module, dict[str, tuple[list[int], list[int]]]]:
+    """A deep copy of ``model`` whose tensors named in ``removed`` are sliced, built without
+    a full-size copy: each sliced tensor is made from the original and handed to
+    ``copy.deepcopy`` in its memo, so the copy holds it wherever the original held the old
+    one (tied names stay tied); every other tensor is copied as it is. ``model`` is not
+    modified. Returns the copy and ``{name: (old shape, new shape)}`` as
+    :func:`slice_tensors`."""
+    memo: dict[int, Any] = {}
+    changed = {}
+    for names, dims in _slices(model, removed):
+        old = get_tensor(model, names[0])
+        new = _sliced(old, dims)
+        memo[id(old)] = new
+        changed.update({n: (list(old.shape), list(new.shape)) for n in names})
+    return copy.deepcopy(model, memo), changed
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same elements (the capture shares the model's)."""
+    return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and \
+        a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+
+
 def _zeroed_capture(graph: DependencyGraph, zeroed: torch.nn.Module) -> fx.GraphModule:
-    """A copy of the graph's capture that holds the zeroed original's weights."""
-    gm = copy.deepcopy(graph.module)
+    """A copy of the graph's capture that holds the zeroed original's weights. A capture
+    tensor that shares its memory with the zeroed model's (the capture of a model zeroed in
+    place, :func:`etp_fx.surgery.zero.zeroed_in_place`) is shared, not copied: the fold
+    planning only reads it. The others are copied from the zeroed model."""
+    tensors = list(graph.module.named_parameters(remove_duplicate=False)) + \
+        list(graph.module.named_buffers(remove_duplicate=False))
+    sources = {}
+    for name, t in tensors:
+        try:
+            sources[name] = get_tensor(zeroed, name)
+        except AttributeError:
+            continue  # a constant of the capture, not a tensor of the model
+    memo = {id(t): t for name, t in tensors if isinstance(sources.get(name), torch.Tensor)
+            and _same_memory(sources[name], t)}
+    gm = copy.deepcopy(graph.module, memo)
     with torch.no_grad():
         for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
                 list(gm.named_buffers(remove_duplicate=False)):
-            try:
-                src = get_tensor(zeroed, name)
-            except AttributeError:
-                continue  # a constant of the capture, not a tensor of the model
-            if isinstance(src, torch.Tensor) and src.shape == t.shape:
+            src = sources.get(name)
+            if id(t) not in memo and isinstance(src, torch.Tensor) and src.shape == t.shape:
                 t.copy_(src)
     return gm
 

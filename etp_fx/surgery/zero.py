@@ -1,15 +1,23 @@
-"""``zero_units``: the *zeroed original*, the model that a compressed model must reproduce."""
+"""``zero_units``: the *zeroed original*, the model that a compressed model must reproduce.
+
+:func:`zeroed_in_place` gives the same model without a copy: the user's own model with the
+slices zeroed for the duration of a ``with`` block, restored bit for bit afterwards (the
+module output computes its references that way, so no full-size zeroed copy exists).
+"""
 from __future__ import annotations
 
-from typing import Collection, Iterable, Mapping
+import contextlib
+import hashlib
+from typing import Collection, Iterable, Iterator, Mapping
 
 import torch
 
+from ..errors import ModelError
 from ..graph.depgraph import DependencyGraph, Member
 from ..graph.signature import check_model_matches
 from ..graph.plan import check_plan
 
-__all__ = ["zero_units", "zeroed_slices"]
+__all__ = ["zero_units", "zeroed_slices", "zeroed_in_place", "fingerprint"]
 
 
 def _zeroes(m: Member, param: torch.Tensor, keep_constants: bool) -> bool:
@@ -81,3 +89,62 @@ def zero_units(model: torch.nn.Module, graph: DependencyGraph,
         for name, dim, idx in zeroed_slices(graph, plan, keep_constants, params):
             params[name].index_fill_(dim, idx, 0.0)
     return model
+
+
+def fingerprint(t: torch.Tensor) -> bytes:
+    """A digest of ``t``'s bytes (BLAKE2b), read in chunks without copying a contiguous CPU
+    tensor: equal digests mean bit-identical values (NaN payloads and signed zeros too)."""
+    src = t.detach()
+    src = (src if src.is_contiguous() else src.contiguous()).reshape(-1)
+    digest = hashlib.blake2b(f"{src.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    for chunk in src.split(1 << 24):
+        digest.update(chunk.cpu().view(torch.uint8).numpy())
+    return digest.digest()
+
+
+@contextlib.contextmanager
+def zeroed_in_place(model: torch.nn.Module, graph: DependencyGraph,
+                    remove: Mapping[str, Iterable[int]], *, keep_constants: bool = False
+                    ) -> Iterator[torch.nn.Module]:
+    """``model`` itself as :func:`zero_units` would make it, inside the ``with`` block only.
+
+    Only the values that zeroing changes are saved (the removed units' slices, a fraction of
+    the model), then put back in reverse order (slices may overlap), whatever the block
+    raised. After a block that succeeded every slice's :func:`fingerprint` must equal the one
+    taken before zeroing, so the model is bit for bit as it was given; the rest of each
+    tensor is never written here (a forward that writes to its weights is caught by its
+    version counter, :func:`etp_fx.capture.untouched`). Another thread using ``model``
+    meanwhile sees the zeros.
+
+    Raises
+    ------
+    ModelError
+        A zeroed slice differs after the restore (the model was changed meanwhile).
+    """
+    check_model_matches(graph, model)
+    plan = check_plan(graph, remove)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
+    slices = zeroed_slices(graph, plan, keep_constants, params)
+    with torch.no_grad():
+        before = [fingerprint(params[n].index_select(d, i)) for n, d, i in slices]
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, dim, idx in slices:
+                p = params[name]
+                saved.append((p, dim, idx, p.index_select(dim, idx)))
+                p.index_fill_(dim, idx, 0.0)
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, dim, idx, values in reversed(saved):  # the first saved holds the original
+                p.index_copy_(dim, idx, values)
+        saved.clear()
+    with torch.no_grad():
+        changed = [n for (n, d, i), digest in zip(slices, before)
+                   if fingerprint(params[n].index_select(d, i)) != digest]
+    if changed:
+        raise ModelError(f"parameter(s) {changed[:3]} of {type(model).__name__} differ after "
+                         f"the removed units were zeroed and restored: the model was changed "
+                         f"while etp_fx held it (another thread?). Run compress on a model "
+                         f"nothing else uses.")
