@@ -112,6 +112,8 @@ def etp_worker(config: str, ratio: float, generate: bool) -> dict:
     report = small.etp_report
     # the module output's own phases; the trace was timed above (the graph is passed in)
     rec.update({f"{k}_s": v for k, v in report.get("seconds", {}).items() if k != "trace"})
+    rec.update(gqa_mapping({p: head_digests(model, p) for p in ("q_proj", "k_proj")},
+                           {p: head_digests(small, p) for p in ("q_proj", "k_proj")}))
     rec.update(params_after=report["params_after"], checked=report["checked"],
                hf_config=report.get("config"), config_exact=report.get("config_exact"))
     if generate:
@@ -156,6 +158,38 @@ def tp_patch(model: torch.nn.Module) -> dict:
     return changed
 
 
+def head_digests(model: torch.nn.Module, proj: str) -> list[list[bytes]]:
+    """Per layer, a digest of each head's rows of ``q_proj`` or ``k_proj`` (to find the kept
+    heads after pruning without keeping a copy of the weights)."""
+    import hashlib
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out = []
+    for layer in model.model.layers:
+        w = getattr(layer.self_attn, proj).weight.detach()
+        out.append([hashlib.blake2b(w[h * head_dim:(h + 1) * head_dim].contiguous().numpy()
+                                    .tobytes(), digest_size=16).digest()
+                    for h in range(w.shape[0] // head_dim)])
+    return out
+
+
+def gqa_mapping(before: dict, after: dict) -> dict:
+    """Whether each kept query head still reads the key/value head it read before. Query
+    head ``i`` of ``q`` heads reads key/value head ``i // (q // kv)``; after pruning, new
+    query head ``j`` reads new key/value head ``j // (q' // kv')``, which must be the old
+    one it read. Counts the layers where some kept query head reads another head now."""
+    wrong, per_group = 0, None
+    for q0, k0, q1, k1 in zip(before["q_proj"], before["k_proj"], after["q_proj"],
+                              after["k_proj"]):
+        q_index, k_index = {d: i for i, d in enumerate(q0)}, {d: i for i, d in enumerate(k0)}
+        kept_q, kept_k = [q_index[d] for d in q1], [k_index[d] for d in k1]
+        old_group = [i // (len(q0) // len(k0)) for i in kept_q]
+        per_group = per_group or [old_group.count(k) for k in range(len(k0))]
+        new_reads = [kept_k[j // (len(q1) // len(k1))] for j in range(len(q1))]
+        wrong += new_reads != old_group
+    return {"q_heads_per_kv_group_layer0": per_group, "layers_with_wrong_kv_mapping": wrong}
+
+
 def tp_worker(config: str, ratio: float, generate: bool) -> dict:
     """torch-pruning's LLM flow on the same model; the result's logits and generate()."""
     import torch_pruning as tp
@@ -172,11 +206,13 @@ def tp_worker(config: str, ratio: float, generate: bool) -> dict:
         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
         global_pruning=False, forward_fn=lambda m, x: m(x, use_cache=False).logits)
     rec.update(graph_s=time.perf_counter() - t0, rss_after_trace_mb=peak_mb())
+    digests = {p: head_digests(model, p) for p in ("q_proj", "k_proj")}
     t0 = time.perf_counter()
     pruner.step()
     rec["hf_config"] = tp_patch(model)
     rec.update(prune_s=time.perf_counter() - t0, peak_rss_mb=peak_mb(),
                params_after=sum(p.numel() for p in model.parameters()))
+    rec.update(gqa_mapping(digests, {p: head_digests(model, p) for p in digests}))
     try:
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits
@@ -258,7 +294,7 @@ def table(records: list[dict]) -> str:
     head = ("| flow | model | model MB | RSS imports MB | RSS after build MB | peak RSS MB | "
             "peak / model | (peak - imports) / model | "
             "trace s | plan s | references s | slice s | verify s | params before -> after | "
-            "greedy tokens |")
+            "layers whose query heads read another KV head | generate() |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if "error" in r:
@@ -266,7 +302,9 @@ def table(records: list[dict]) -> str:
             continue
         ratio = r["peak_rss_mb"] / r["model_mb"] if r["model_mb"] else None
         own = (r["peak_rss_mb"] - r["rss_imports_mb"]) / r["model_mb"] if r["model_mb"] else None
-        greedy = r.get("same_greedy_tokens", r.get("generate", r.get("logits", "-")))
+        greedy = {True: "same tokens as the zeroed original", False: "other tokens than the "
+                  "zeroed original"}.get(r.get("same_greedy_tokens"),
+                                         r.get("generate", r.get("logits", "-")))
         lines.append(
             f"| {r['flow']} | {r['config']} | {_f(r['model_mb'], 0)} | "
             f"{_f(r['rss_imports_mb'], 0)} | {_f(r['rss_model_mb'], 0)} | "
@@ -274,7 +312,8 @@ def table(records: list[dict]) -> str:
             f"{_f(r.get('trace_s', r.get('graph_s')))} | {_f(r.get('plan_s'))} | "
             f"{_f(r.get('references_s'))} | "
             f"{_f(r.get('slice_s', r.get('prune_s')))} | {_f(r.get('verify_s'))} | "
-            f"{r['params_before']:,} -> {r['params_after']:,} | {greedy} |")
+            f"{r['params_before']:,} -> {r['params_after']:,} | "
+            f"{r.get('layers_with_wrong_kv_mapping', '-')} | {greedy} |")
     return "\n".join(lines)
 
 

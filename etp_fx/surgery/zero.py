@@ -7,7 +7,7 @@ module output computes its references that way, so no full-size zeroed copy exis
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import zlib
 from typing import Collection, Iterable, Iterator, Mapping
 
 import torch
@@ -91,15 +91,16 @@ def zero_units(model: torch.nn.Module, graph: DependencyGraph,
     return model
 
 
-def fingerprint(t: torch.Tensor) -> bytes:
-    """A digest of ``t``'s bytes (BLAKE2b), read in chunks without copying a contiguous CPU
-    tensor: equal digests mean bit-identical values (NaN payloads and signed zeros too)."""
+def fingerprint(t: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
+    """``t``'s dtype, shape and the CRC-32 of its bytes, read in chunks without copying a
+    contiguous CPU tensor (about 1 GB/s). Other bits (a sign of zero, a NaN payload) give
+    another CRC, except by a 2**-32 chance: a guard against a wrong restore, not a proof."""
     src = t.detach()
     src = (src if src.is_contiguous() else src.contiguous()).reshape(-1)
-    digest = hashlib.blake2b(f"{src.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    crc = 0
     for chunk in src.split(1 << 24):
-        digest.update(chunk.cpu().view(torch.uint8).numpy())
-    return digest.digest()
+        crc = zlib.crc32(chunk.cpu().view(torch.uint8).numpy(), crc)
+    return str(t.dtype), tuple(t.shape), crc
 
 
 @contextlib.contextmanager
@@ -109,42 +110,59 @@ def zeroed_in_place(model: torch.nn.Module, graph: DependencyGraph,
     """``model`` itself as :func:`zero_units` would make it, inside the ``with`` block only.
 
     Only the values that zeroing changes are saved (the removed units' slices, a fraction of
-    the model), then put back in reverse order (slices may overlap), whatever the block
-    raised. After a block that succeeded every slice's :func:`fingerprint` must equal the one
-    taken before zeroing, so the model is bit for bit as it was given; the rest of each
-    tensor is never written here (a forward that writes to its weights is caught by its
-    version counter, :func:`etp_fx.capture.untouched`). Another thread using ``model``
-    meanwhile sees the zeros.
+    the model) and put back afterwards, whatever the block raised. After a block that
+    succeeded the model is checked to be bit for bit as it was given: no zeroed parameter
+    was written in the block (version counters), and every restored slice has the
+    :func:`fingerprint` it had before. Another thread using ``model`` meanwhile sees the
+    zeros.
 
     Raises
     ------
     ModelError
-        A zeroed slice differs after the restore (the model was changed meanwhile).
+        A zeroed parameter was written in the block (a forward that updates its weights),
+        or a slice differs after the restore.
     """
     check_model_matches(graph, model)
     plan = check_plan(graph, remove)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
-    slices = zeroed_slices(graph, plan, keep_constants, params)
+    slices = [(n, params[n], d, i) for n, d, i in
+              zeroed_slices(graph, plan, keep_constants, params)]
     with torch.no_grad():
-        before = [fingerprint(params[n].index_select(d, i)) for n, d, i in slices]
-    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        before = [fingerprint(p.index_select(d, i)) for _, p, d, i in slices]
+    saved: list[torch.Tensor] = []
     try:
         with torch.no_grad():
-            for name, dim, idx in slices:
-                p = params[name]
-                saved.append((p, dim, idx, p.index_select(dim, idx)))
+            for _, p, dim, idx in slices:
+                saved.append(p.index_select(dim, idx))
                 p.index_fill_(dim, idx, 0.0)
+        versions = [_version_of(p) for _, p, _, _ in slices]
         yield model
+        written = [n for (n, p, _, _), v in zip(slices, versions) if _version_of(p) != v]
     finally:
-        with torch.no_grad():
-            for p, dim, idx, values in reversed(saved):  # the first saved holds the original
-                p.index_copy_(dim, idx, values)
-        saved.clear()
+        _restore(slices[:len(saved)], saved)
     with torch.no_grad():
-        changed = [n for (n, d, i), digest in zip(slices, before)
-                   if fingerprint(params[n].index_select(d, i)) != digest]
-    if changed:
-        raise ModelError(f"parameter(s) {changed[:3]} of {type(model).__name__} differ after "
-                         f"the removed units were zeroed and restored: the model was changed "
-                         f"while etp_fx held it (another thread?). Run compress on a model "
-                         f"nothing else uses.")
+        differ = [n for (n, p, d, i), digest in zip(slices, before)
+                  if fingerprint(p.index_select(d, i)) != digest]
+    if written or differ:
+        raise ModelError(
+            f"parameter(s) {sorted(set(written + differ))[:3]} of {type(model).__name__} were "
+            f"written while etp_fx held their removed units at zero: parameters must only be "
+            f"read in forward, and nothing else may use the model during compress. The "
+            f"zeroed slices were restored.")
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+def _restore(slices: list[tuple[str, torch.Tensor, int, torch.Tensor]],
+             saved: list[torch.Tensor]) -> None:
+    """Put the saved values back, last saved first: where slices overlap, the first one
+    saved holds the original values."""
+    with torch.no_grad():
+        for (_, p, dim, idx), values in zip(reversed(slices), reversed(saved)):
+            p.index_copy_(dim, idx, values)
+    saved.clear()
