@@ -29,6 +29,25 @@ def data():
     return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
 
 
+def shard(model, mesh):
+    """FSDP2 on every Conv and Linear layer, then on the whole model."""
+    for m in model:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fsdp.fully_shard(m, mesh=mesh)
+    fsdp.fully_shard(model, mesh=mesh)
+
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def two_ranks(worker, tmp_path):
+    """What rank 0 of ``worker`` saved, after both ranks ran."""
+    out = str(tmp_path / "rank0.pt")
+    run_two_ranks(worker, out)
+    return torch.load(out)
+
+
 def regularisers(graph):
     return {"l1": ExponentialTorque(graph, strength=0.5),
             "l2": ExponentialTorque(graph, strength=0.5, norm="l2", normalize="init"),
@@ -48,11 +67,7 @@ def _worker(rank, world, port, out):
         model = make_model()
         x, y = data()
         regs = regularisers(etp_fx.trace(model, x[:1]))  # traced before sharding
-        mesh = init_device_mesh("cpu", (world,))
-        for m in model:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fsdp.fully_shard(m, mesh=mesh)
-        fsdp.fully_shard(model, mesh=mesh)
+        shard(model, init_device_mesh("cpu", (world,)))
         assert type(model[5].weight).__name__ == "DTensor"
         half = len(x) // world
         sl = slice(rank * half, (rank + 1) * half)
@@ -68,12 +83,9 @@ def _worker(rank, world, port, out):
             torch.save(got, out)
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@needs_gloo
 def test_fsdp2_two_processes_match_one(tmp_path):
-    out = str(tmp_path / "rank0.pt")
-    run_two_ranks(_worker, out)
-    got = torch.load(out)
+    got = two_ranks(_worker, tmp_path)
 
     model = make_model()
     x, y = data()
@@ -119,22 +131,16 @@ def _decoupled_worker(rank, world, port, out):
         for name in ("l1", "l2"):
             model = make_model()
             reg = decoupled_regs(etp_fx.trace(model, x[:1]), model)[name]
-            for m in model:
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    fsdp.fully_shard(m, mesh=mesh)
-            fsdp.fully_shard(model, mesh=mesh)
+            shard(model, mesh)
             decoupled_step(model, reg, x[sl], y[sl])
             got[name] = {n: p.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(got, out)
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@needs_gloo
 def test_fsdp2_decoupled_update_matches_one_process(tmp_path):
-    out = str(tmp_path / "rank0.pt")
-    run_two_ranks(_decoupled_worker, out)
-    got = torch.load(out)
+    got = two_ranks(_decoupled_worker, tmp_path)
     x, y = data()
     for name in ("l1", "l2"):
         model = make_model()
