@@ -22,6 +22,13 @@ Methods:
   group L2 magnitude, then fine-tuning).
 
 torch-pruning is optional; it is imported when a baseline is built.
+
+``heads_and_neurons=True`` (torch-pruning methods) restricts a decoder transformer (Hugging
+Face Llama-style attention with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and an MLP with
+``down_proj``) to whole attention heads and MLP neurons, as ``include=["head", "neuron"]``
+selections do in this library: the residual width (embeddings, norms, ``o_proj``/``down_proj``
+outputs, ``lm_head``) is left alone and heads are removed whole (``prune_num_heads=True``,
+``prune_head_dims=False``, ``head_pruning_ratio`` = ``pruning_ratio``).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import RegulariserError
+from .errors import OptionError, RegulariserError
 from .graph.trace import trace
 from .regularise import select
 from .regularise.clipping import clip_small_weights
@@ -38,7 +45,7 @@ from .regularise.torque import ExponentialTorque
 from .surgery.compress import compress
 
 __all__ = ["PruningMethod", "ETPMethod", "TorchPruningMethod", "GReg", "GroupNorm", "Magnitude",
-           "make", "METHODS"]
+           "make", "METHODS", "heads_and_neurons_kwargs"]
 
 
 def _tp():
@@ -60,6 +67,58 @@ def default_ignored(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.modules.conv._ConvNd):
                 last = m
     return [last] if last is not None else []
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with Llama-style ``q_proj``/``k_proj``/``v_proj``/``o_proj`` Linear children."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, n, None), nn.Linear) for n in names)]
+
+
+def heads_and_neurons_kwargs(model: nn.Module, pruning_ratio: float) -> dict[str, Any]:
+    """torch-pruning keywords that prune only whole attention heads and MLP neurons.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A decoder transformer with Llama-style attention modules (``q_proj``, ``k_proj``,
+        ``v_proj``, ``o_proj``, a ``head_dim`` attribute or ``num_heads``).
+    pruning_ratio : float
+        The share of heads to remove in every layer (the same ratio as the MLP neurons), but
+        every layer keeps one head (torch-pruning skips a layer whose ratio would remove all
+        of its heads, so a larger ratio would remove none; etp_fx selections keep one too).
+
+    Returns
+    -------
+    dict
+        ``num_heads``, ``prune_num_heads``, ``prune_head_dims``, ``head_pruning_ratio`` and
+        ``ignored_layers`` (embeddings, norms, ``lm_head``, and the projections that write the
+        residual stream: blocking their outputs leaves the hidden width alone).
+    """
+    attn = _attention_modules(model)
+    if not attn:
+        raise OptionError(
+            f"heads_and_neurons=True needs Llama-style attention modules (q_proj, k_proj, "
+            f"v_proj, o_proj); {type(model).__name__} has none: drop heads_and_neurons")
+    num_heads: dict[nn.Module, int] = {}
+    ignored: list[nn.Module] = []
+    for a in attn:
+        head_dim = getattr(a, "head_dim", None) or a.q_proj.out_features // a.num_heads
+        for proj in (a.q_proj, a.k_proj, a.v_proj):
+            num_heads[proj] = proj.out_features // head_dim
+        ignored.append(a.o_proj)
+    fewest = min(num_heads.values())
+    # torch-pruning keeps int(n * (1 - ratio)) heads: stay a hair under (n - 1) / n so that
+    # float rounding cannot make it 0 (which would remove nothing)
+    head_ratio = min(pruning_ratio, (fewest - 1) / fewest - 1e-6)
+    for name, m in model.named_modules():
+        residual_writer = name.endswith("down_proj") or name.endswith("lm_head")
+        is_norm = "norm" in type(m).__name__.lower()
+        if residual_writer or is_norm or isinstance(m, nn.Embedding):
+            ignored.append(m)
+    return dict(num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                head_pruning_ratio=max(head_ratio, 0.0), ignored_layers=ignored)
 
 
 class PruningMethod:
@@ -105,9 +164,14 @@ class TorchPruningMethod(PruningMethod):
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, pruning_ratio: float = 0.5,
                  global_pruning: bool = False, ignored_layers: Sequence[nn.Module] | None = None,
-                 round_to: int | None = None, importance: Any = None, **pruner_kw) -> None:
+                 round_to: int | None = None, importance: Any = None,
+                 heads_and_neurons: bool = False, **pruner_kw) -> None:
         super().__init__(model, example_inputs)
         tp = _tp()
+        if heads_and_neurons:
+            only = heads_and_neurons_kwargs(model, pruning_ratio)
+            ignored_layers = list(ignored_layers or []) + only.pop("ignored_layers")
+            pruner_kw = {**only, **pruner_kw}
         if ignored_layers is None:
             ignored_layers = default_ignored(model)
         if importance is None:

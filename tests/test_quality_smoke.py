@@ -1,5 +1,5 @@
-"""Smoke test of the quality benchmark (issue 5): ``--quick`` runs every task and method on a
-tiny budget. The test checks outcomes, not only files: the run exits 0 (it exits 1 when any
+"""Smoke test of the quality benchmark (issues 5 and 13): ``--quick`` runs every task and method
+on a tiny budget, at 4x and 8x. The test checks outcomes, not only files: the run exits 0 (it exits 1 when any
 cell failed), no cell of ``runs.json`` failed, every pruned cell reached its MACs target, and
 the dense models learned something (accuracy above chance, perplexity below the vocabulary's
 uniform guess). A few batches of training say nothing about which method is best, so methods
@@ -54,8 +54,12 @@ def test_quality_quick_has_no_failed_cell(quick_run):
 def test_quality_quick_numbers_are_sane(quick_run):
     _, _, runs = quick_run
     assert {r["task"] for r in runs.values()} == TASKS
-    assert {r["method"] for r in runs.values()} >= {"dense", "etp-paper", "etp", "torque",
-                                                     "greg", "groupnorm", "magnitude"}
+    every = {"dense", "etp-paper", "etp", "torque", "greg", "groupnorm", "magnitude"}
+    for task in TASKS:  # every method on every task, GReg and DepGraph on the LM included
+        assert {r["method"] for r in runs.values() if r["task"] == task} == every, task
+    for task in TASKS:  # target-driven methods trained once per target, at 4x and 8x
+        assert {r["target"] for r in runs.values() if r["task"] == task
+                and r["method"] == "etp"} == {4, 8}, task
     for task in TASKS:
         dense = runs[f"{task}|dense|0|1"]["metric"]
         if task in CHANCE:
@@ -81,7 +85,8 @@ def test_quality_quick_writes_its_report(quick_run):
     for t in TASKS:
         assert (out / f"{t}.png").stat().st_size > 0
         assert f"## {t}" in text
-    assert (out / "vgg-digits-sweep.png").exists()
+        assert f"- **{t}**: 4x: " in text and "; 8x: " in text  # the computed verdicts
+    assert not (out / "vgg-digits-sweep.png").exists()  # the sweep runs only with --sweep
 
 
 def _record(method: str, target: float, **kw) -> dict:
