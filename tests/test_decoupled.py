@@ -188,7 +188,8 @@ def test_a_target_sets_the_range_from_the_learning_rate():
     sgd.attach(torch.optim.SGD(model.parameters(), lr=0.05))
     adam.attach(torch.optim.AdamW(model.parameters(), lr=5e-3))
     assert adam.strength == pytest.approx(10 * sgd.strength)  # the same lr * strength
-    assert adam.controller.most == pytest.approx(10 * sgd.controller.most)
+    assert adam.controller.most * 5e-3 == pytest.approx(0.3)  # Adam: a lower cap
+    assert sgd.controller.most * 0.05 == pytest.approx(0.5)
     given = ExponentialTorque(g, ratio=0.5, steps=10, model=model, strength=0.3,
                               control={"most": 2.0})
     given.attach(torch.optim.AdamW(model.parameters(), lr=5e-3))

@@ -37,7 +37,7 @@ import torch
 from ..errors import DistanceError, RegulariserError
 from ..graph.signature import check_model_matches
 from .controller import StrengthController, keep_counts, removal_share, target_selection
-from .decoupled import DECOUPLED_MOST_RATE, DECOUPLED_START_RATE, group_lrs, initial_lr, \
+from .decoupled import DECOUPLED_START_RATE, group_lrs, initial_lr, most_rate, \
     optimiser_groups, proximal_step
 from .norms import Sharding, UnitNorms, local_shards, norm_order, sqrt0, swaps_parameters
 from .selection import Selection
@@ -410,7 +410,7 @@ class _TorqueBase:
             if lr0 > 0:
                 self.controller.set_range(
                     None if "start" in self._given else DECOUPLED_START_RATE / lr0,
-                    None if "most" in self._given else DECOUPLED_MOST_RATE / lr0)
+                    None if "most" in self._given else most_rate(optimizer, groups) / lr0)
                 self.strength = self.controller.start
         ref = weakref.ref(model)
         self._hook = optimizer.register_step_post_hook(
