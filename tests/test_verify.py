@@ -2,6 +2,7 @@
 tolerance, and what it refuses instead of passing silently. docs/verification.md describes it."""
 import copy
 import math
+import operator
 import sys
 
 import pytest
@@ -248,6 +249,57 @@ def test_the_other_batch_draw_is_checked_too(monkeypatch):
     monkeypatch.setattr(C, "apply_folds", batch_bound)
     with pytest.raises(etp_fx.VerificationError, match=r"Tensor\(2, 5\).*other batch"):
         etp_fx.compress(_mlp(), torch.randn(4, 5), remove={"0.weight[0]": [0]})
+
+
+class _Tokens(nn.Module):
+    """Per-token MLP on (batch, length, features): an export keeps batch and length dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _tokens_result(monkeypatch, **kw):
+    monkeypatch.setenv("ETP_FX_CAPTURE", "export")  # the fast path would say "generic"
+    torch.manual_seed(0)
+    return etp_fx.compress(_Tokens().eval(), torch.randn(4, 6, 5), remove={"a.weight[0]": [0, 1]},
+                           **kw)
+
+
+def test_another_batch_and_length_are_one_draw(monkeypatch):
+    """Where a non-batch dim is dynamic, one draw is both the other batch and the other shape
+    (one forward pass of each model instead of two): its batch and its length both differ
+    from the example's."""
+    rep = _tokens_result(monkeypatch).meta["etp_report"]
+    assert rep["dynamic_dims"]["x"] == {0: "dynamic", 1: "dynamic", 2: "static"}
+    assert [(v["check"], v["inputs"]) for v in rep["verified"]] == [
+        ("example", "(Tensor(4, 6, 5) float32)"),
+        ("other batch and shape", "(x=Tensor(2, 7, 5) float32)")]
+    assert all(v["passed"] for v in rep["verified"])
+
+
+def test_a_result_wrong_only_at_another_length_is_caught(monkeypatch):
+    """Sabotage: the result's output is scaled by length / 6, right at the example's length 6
+    (and at any batch of that length) only; the merged draw must catch it."""
+    real = C.apply_folds
+
+    def length_bound(gm, folds, keep):
+        lines = real(gm, folds, keep)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        first = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            length = gm.graph.call_function(torch.ops.aten.sym_size.int, (first, 1))
+            scale = gm.graph.call_function(operator.truediv, (length, 6))
+            wrong = gm.graph.call_function(torch.mul, (first, scale))
+        out.args = ((wrong,) + tuple(out.args[0][1:]),)
+        gm.recompile()
+        return lines
+    monkeypatch.setattr(C, "apply_folds", length_bound)
+    with pytest.raises(etp_fx.VerificationError, match=r"Tensor\(2, 7, 5\).*other batch and shape"):
+        _tokens_result(monkeypatch)
 
 
 # --- 7./8. every dtype, every selection; rounding is not "an etp_fx bug" ---------------------

@@ -306,17 +306,19 @@ def _nest(prefix: str, value: Any, spec: dict) -> Any:
          for path, v in leaves], tree)
 
 
-def another_shape(gm: fx.GraphModule, args: tuple, kwargs: dict,
-                  step: int = 1) -> tuple[tuple, dict]:
+def another_shape(gm: fx.GraphModule, args: tuple, kwargs: dict, step: int = 1, *,
+                  batch: bool = True) -> tuple[tuple, dict]:
     """Inputs for ``gm`` with every dim its capture keeps dynamic grown by ``step`` (by
     repeating the last slice, so ids, masks and edge indices stay valid), for checking a
     result at a shape it was not traced at. The inputs come back in the form the graph takes
     (:func:`etp_fx.capture.calls.bound_inputs`: by name, optional masks filled in), which the
     original model accepts too. Dims that vary together (the sequence length of ids and
-    mask) grow together. With no dynamic dim, the inputs come back unchanged."""
+    mask) grow together. With no dynamic dim, the inputs come back unchanged. With
+    ``batch=False``, dim 0 keeps its size (for inputs already drawn at another batch)."""
     args, kwargs = bound_inputs(gm, args, kwargs)
     dims = gm.meta.get("etp_dynamic_dims") or {}
-    grow = {id(t): [int(d) for d, s in dims.get(name, {}).items() if s == "dynamic"]
+    grow = {id(t): [int(d) for d, s in dims.get(name, {}).items()
+                    if s == "dynamic" and (batch or int(d) != 0)]
             for name, t in input_names(gm.forward, args, kwargs)}
 
     def one(t: Any) -> Any:

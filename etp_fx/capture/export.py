@@ -19,10 +19,11 @@ import torch.utils._pytree as pytree
 
 from ..errors import InputError, ModelError, TraceError
 from .calls import CallForm, attach_binder, bind_call, call_form_for, filler, with_fillers
+from .compare import outputs_agree
 from .dynamic import (PinWatch, check_dynamic, dynamic_shapes_for, generic_dims, input_names,
                       read_dims)
 from .fast import fast_capture
-from .inputs import describe_inputs, eval_mode, outputs_agree, untouched
+from .inputs import describe_inputs, eval_mode, untouched
 from .plain import as_plain_module
 
 __all__ = ["capture", "batch_dynamic_shapes", "as_plain_module"]

@@ -18,9 +18,10 @@ from torch.export._tree_utils import reorder_kwargs
 
 from ..errors import InputError, ModelError
 from .calls import as_captured, bound_inputs
+from .compare import outputs_agree
 
 __all__ = ["normalize_inputs", "describe_inputs", "eval_mode", "flat_inputs", "untouched",
-           "check_model_and_inputs", "check_deterministic", "outputs_agree"]
+           "check_model_and_inputs", "check_deterministic"]
 
 
 def normalize_inputs(example_inputs: Any, kwargs: Mapping[str, Any] | None = None
@@ -293,32 +294,6 @@ def check_model_and_inputs(model: Any, args: tuple, kwargs: dict) -> None:
                          f"{type(model).__name__}{hint}")
     _check_weights(model)
     _check_inputs(args, kwargs)
-
-
-def outputs_agree(a: Any, b: Any, rtol: float) -> bool:
-    """Two outputs of the same model on the same inputs agree (tensors up to ``rtol`` of the
-    output's scale: a GPU kernel may round differently from call to call)."""
-    fa, sa = pytree.tree_flatten(a)
-    fb, sb = pytree.tree_flatten(b)
-    if sa != sb or len(fa) != len(fb):
-        return False
-    for x, y in zip(fa, fb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if not x.numel():
-                continue
-            if not (x.is_floating_point() or x.is_complex()):
-                if not torch.equal(x, y):
-                    return False
-                continue
-            scale = float(x.abs().max()) if bool(torch.isfinite(x).all()) else 1.0
-            if not bool(torch.isclose(x, y, rtol=0, atol=rtol * max(scale, 1e-12),
-                                      equal_nan=True).all()):
-                return False
-        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
-            return False
-    return True
 
 
 def check_deterministic(model: torch.nn.Module, args: tuple, kwargs: dict,

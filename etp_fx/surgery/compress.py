@@ -136,30 +136,35 @@ def _module_output(output: Any) -> bool:
     return output == "module"
 
 
-def _check_size_free(job: Job, folds: list) -> None:
-    """A constant that varies with position (a removed unit's bias seen through zero padding)
-    is folded as a map that only fits the traced size. When the default kept constants would
-    pin a size-dynamic result that way, those groups are zeroed whole instead (signalled to
-    :func:`_surgery_of` as a FoldError naming them)."""
+def _zeroed_whole_for_size(job: Job, folds: list) -> set[str]:
+    """The groups to zero whole because of their sizes, else an empty set. A constant that
+    varies with position (a removed unit's bias seen through zero padding) is folded as a map
+    that only fits the traced size; the default kept constants must not pin a size-dynamic
+    result that way, so those groups are zeroed whole instead."""
     pinned = {gid for f in folds if not f.size_free for gid in f.groups} - job.whole
     if pinned and job.fall_back and job.keep_constants and job.dynamic_batch:
-        raise FoldError(f"position-dependent constants of {sorted(pinned)} would pin the "
-                        f"result's sizes", sorted(pinned))
+        return pinned
+    return set()
 
 
 def _surgery_of(job: Job) -> fx.GraphModule:
-    """:func:`_surgery`. Groups whose kept constants cannot be folded (a LayerNorm after them
-    makes them input-dependent) are zeroed whole when ``keep_constants`` was the default; a
-    random or stateful forward, which makes values look input-dependent, is named as such."""
+    """The surgery (:func:`_planned`, then :func:`_finished`). When ``keep_constants`` was
+    the default, groups whose kept constants cannot be folded (a LayerNorm after them makes
+    them input-dependent) or would pin the result's sizes are zeroed whole, and the surgery
+    starts again; a random or stateful forward, which makes values look input-dependent, is
+    named as such."""
     while True:
         try:
-            return _surgery(job)
+            planned = _planned(job)
+            whole = _zeroed_whole_for_size(job, planned.folds)
+            if not whole:
+                return _finished(job, planned)
         except FoldError as e:
-            more = set(e.groups) - job.whole
-            if not (job.fall_back and job.keep_constants and more):
+            whole = set(e.groups) - job.whole
+            if not (job.fall_back and job.keep_constants and whole):
                 check_deterministic(job.model, *job.example)
                 raise
-            job = dataclasses.replace(job, whole=job.whole | more)
+        job = dataclasses.replace(job, whole=job.whole | whole)
 
 
 def _verify_option(verify: Any) -> tuple[bool, float | None]:
@@ -214,9 +219,10 @@ def _approximate(graph: DependencyGraph, plan: Mapping[str, Any]) -> list[str]:
     return [gid for gid in plan if not graph[gid].exact]
 
 
-def _zeroed_original(job: Job) -> fx.GraphModule:
-    """A working copy of the capture with the model's weights and the plan's units zeroed."""
-    gm = working_copy(job.base.module, job.model)
+def _zeroed_original(job: Job, compiled: bool = True) -> fx.GraphModule:
+    """A working copy of the capture with the model's weights and the plan's units zeroed
+    (``compiled=False``: one that is rewritten next, see :func:`working_copy`)."""
+    gm = working_copy(job.base.module, job.model, compiled=compiled)
     params = dict(gm.named_parameters(remove_duplicate=False))  # tied names too
     with torch.no_grad():
         for name, dim, idx in zeroed_slices(job.base, job.plan, job.keep_constants, params,
@@ -225,27 +231,43 @@ def _zeroed_original(job: Job) -> fx.GraphModule:
     return gm
 
 
-def _surgery(job: Job) -> fx.GraphModule:
-    """Zero a working copy of the capture, then rewrite it into the smaller model: the zeroed
-    original is the copy before the rewrite. Its outputs on every input to verify are taken
-    then; the rewritten model's after."""
-    g2 = dataclasses.replace(job.base, module=_zeroed_original(job))
-    gm = g2.module
+@dataclass
+class _Planned:
+    """The working copy, zeroed (the zeroed original until the rewrite), and its folds."""
+
+    g2: DependencyGraph
+    keep: dict
+    folds: list
+    ran: list  # the zeroed original's output on the traced inputs, when planning folds ran it
+
+
+def _planned(job: Job) -> _Planned:
+    """Zero a working copy of the capture and plan the folds of the removed units' constants."""
+    g2 = dataclasses.replace(job.base, module=_zeroed_original(job, compiled=False))
     _check_same_groups(job, g2)
     keep = kept_units(g2, job.plan)
     ran: list = []  # planning folds runs the zeroed original once (when there is a fold)
-    folds = plan_folds(gm, keep, {g2[gid].uid: gid for gid in job.plan}, *job.traced,
+    folds = plan_folds(g2.module, keep, {g2[gid].uid: gid for gid in job.plan}, *job.traced,
                        outputs=ran)
-    _check_size_free(job, folds)
-    checks = reference_checks(gm, job.model, job.example, job.traced, ran[0] if ran else None,
-                              job.dynamic_batch) if job.verify else []
-    del ran
-    rewrite_module(gm, keep)
-    fold_lines = apply_folds(gm, folds, keep)
+    return _Planned(g2, keep, folds, ran)
+
+
+def _finished(job: Job, planned: _Planned) -> fx.GraphModule:
+    """Rewrite the zeroed working copy into the smaller model. The zeroed original's outputs
+    on every input to verify are taken before the rewrite; the rewritten model's after."""
+    gm, keep, folds = planned.g2.module, planned.keep, planned.folds
+    # one draw for another batch and another shape, unless a folded constant map pins the
+    # result's sizes (then the batch is checked alone, and the shape is recorded as pinned)
+    checks = reference_checks(gm, job.model, job.example, job.traced,
+                              planned.ran[0] if planned.ran else None, job.dynamic_batch,
+                              merge=all(f.size_free for f in folds)) if job.verify else []
+    planned.ran.clear()
+    rewrite_module(gm, keep, recompile=False)
+    fold_lines = apply_folds(gm, folds, keep)  # compiles the rewritten graph, once
     with torch.no_grad():
         got = check_shapes(gm, keep, *job.traced)
     verified = run_checks(checks, gm, got, job.tolerance, lambda: _zeroed_original(job))
-    gm.meta["etp_report"] = _report(job, g2, gm, fold_lines, verified)
+    gm.meta["etp_report"] = _report(job, planned.g2, gm, fold_lines, verified)
     example = _detached(job.example)  # save() exports at these: a batch of 1 is specialised
     gm.meta["etp_example_inputs"] = batch_of_two(*example) if \
         gm.meta["etp_report"]["batch_dynamic"] else example
@@ -289,7 +311,7 @@ def _refusal(job: Job, failed: list[dict]) -> Exception:
 
 def _verifies(job: Job) -> bool:
     try:
-        return not _failed_checks(_surgery(dataclasses.replace(job, verify=True)))
+        return not _failed_checks(_surgery_of(dataclasses.replace(job, verify=True)))
     except VerificationError:
         return False
 

@@ -86,8 +86,10 @@ def slice_tensor(t: torch.Tensor, dims: Sequence[Term], r: RewriteContext) -> to
     return out.contiguous() if out is not t else t
 
 
-def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.GraphModule:
-    """Slice parameters and fix shape arguments of ``gm`` in place, then recompile."""
+def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]], *,
+                   recompile: bool = True) -> fx.GraphModule:
+    """Slice parameters and fix shape arguments of ``gm`` in place, then recompile (unless
+    the caller changes the graph again and recompiles then: ``recompile=False``)."""
     r = RewriteContext(keep)
     aliases: dict[int, list[str]] = {}  # one tensor under several names (tied weights)
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + \
@@ -114,7 +116,8 @@ def rewrite_module(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> fx.
         if rule is not None and rule.rewrite is not None and _changes(node, r):
             rule.rewrite(r, node)
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 

@@ -2,7 +2,8 @@
 
 The oracle is the capture the result was rewritten from, with the removed units zeroed (what
 :func:`etp_fx.zero_units` makes of the model). Both run on the example inputs and, for a result
-that accepts any batch size, on a second random draw at another batch size. Floating outputs
+that accepts any batch size, on a second random draw at another batch size (and, where the
+capture keeps a non-batch dim dynamic, every such dim grown: one draw for both). Floating outputs
 must agree to a tolerance of the output's scale that depends on the dtype the model computes
 in; integer and boolean outputs must be equal. A floating difference beyond the tolerance is
 rechecked with both models in float64, which tells rounding (amplified by an ill-conditioned
@@ -24,12 +25,14 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..capture import another_shape, describe_inputs, eval_mode, untouched
+from ..capture import (Comparison, another_shape, compare_outputs, describe_inputs, eval_mode,
+                       interface_difference, untouched)
 from ..errors import InputError, OptionError, VerificationError
 
-__all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "check_rtol", "tolerance_for",
-           "Comparison", "check_interface", "compare", "non_finite", "check_finite", "Check",
-           "reference_checks", "run_checks", "headline", "deviation_message", "culprits"]
+__all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "OTHER_BATCH_AND_SHAPE",
+           "check_rtol", "tolerance_for", "Comparison", "check_interface", "compare",
+           "non_finite", "check_finite", "Check", "reference_checks", "run_checks", "headline",
+           "deviation_message", "culprits"]
 
 _EPS16, _EPSBF16 = torch.finfo(torch.float16).eps, torch.finfo(torch.bfloat16).eps
 #: default tolerance, relative to the output's scale, by the least precise dtype the model
@@ -80,24 +83,6 @@ def tolerance_for(model: torch.nn.Module, args: tuple, kw: dict, rtol: float | N
                      if dtype != torch.float64 else None)
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """How far one output is from another."""
-
-    max_abs_diff: float  # over the floating outputs
-    output_scale: float  # max |reference| over the floating outputs
-    exact_compared: int  # integer and boolean elements, compared for equality
-    exact_mismatches: int  # how many of them differ
-
-    @property
-    def rel_diff(self) -> float:
-        return self.max_abs_diff / max(self.output_scale, 1e-300)
-
-    def within(self, rtol: float) -> bool:
-        return self.exact_mismatches == 0 and \
-            self.max_abs_diff <= rtol * max(self.output_scale, 1e-12)
-
-
 def _leaves(out: Any) -> list:
     return pytree.tree_leaves(out)
 
@@ -110,22 +95,15 @@ def check_interface(reference: Any, got: Any) -> None:
     VerificationError
         The compressed model's interface changed.
     """
-    ref, out = _leaves(reference), _leaves(got)
-    if len(ref) != len(out):
-        raise VerificationError(f"the compressed model returns {len(out)} outputs, the original "
-                                f"{len(ref)}; the model interface must not change")
-    for k, (r, o) in enumerate(zip(ref, out)):
-        if isinstance(r, torch.Tensor) and (not isinstance(o, torch.Tensor) or
-                                            o.shape != r.shape or o.dtype != r.dtype):
-            raise VerificationError(
-                f"output {k} of the compressed model is {_describe(o)}, the original's "
-                f"{_describe(r)}; the model interface must not change")
+    differs = interface_difference(reference, got, ("the compressed model", "original"))
+    if differs is not None:
+        raise VerificationError(f"{differs}; the model interface must not change")
 
 
 def compare(reference: Any, got: Any) -> Comparison:
-    """Compare the outputs: floating ones by their largest difference, integer and boolean ones
-    element by element, plain values (numbers, strings, None) for equality. Other objects (a
-    key/value cache object) are not compared.
+    """Compare the outputs (:func:`etp_fx.capture.compare_outputs`: floating ones by their
+    largest difference, integer and boolean ones element by element, plain values for
+    equality); verdicts with :meth:`Comparison.within` against the largest scale of all.
 
     Raises
     ------
@@ -134,36 +112,12 @@ def compare(reference: Any, got: Any) -> Comparison:
         output with elements to compare.
     """
     check_interface(reference, got)
-    diff = scale = 0.0
-    exact = mismatches = elements = 0
-    for r, o in zip(_leaves(reference), _leaves(got)):
-        if not isinstance(r, torch.Tensor):
-            if isinstance(r, _PLAIN):
-                exact, mismatches = exact + 1, mismatches + int(r != o)
-            continue
-        elements += r.numel()
-        if not r.numel():
-            continue
-        if r.is_floating_point() or r.is_complex():
-            diff = max(diff, float((r.double() - o.double()).abs().max()))
-            scale = max(scale, float(r.double().abs().max()))
-        else:
-            exact, mismatches = exact + r.numel(), mismatches + int((r != o).sum())
-    if not elements:
+    cmp = compare_outputs(reference, got)
+    if not cmp.elements:
         raise VerificationError("the model returns no tensor with elements on these inputs, so "
                                 "there is nothing to verify the compressed model on; give inputs "
                                 "it returns values for, or pass verify=False")
-    return Comparison(diff, scale, exact, mismatches)
-
-
-#: output values compared for equality; any other object is not compared
-_PLAIN = (numbers.Number, str, bytes, type(None))
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"a {str(v.dtype).replace('torch.', '')} tensor of shape {list(v.shape)}"
-    return type(v).__name__
+    return cmp
 
 
 def non_finite(out: Any) -> str | None:
@@ -200,7 +154,7 @@ class Check:
     """One set of inputs the compressed model is verified on, with the zeroed original's
     output on them (computed before the rewrite)."""
 
-    name: str  # "example", "other batch" or "other shape"
+    name: str  # "example", "other batch", "other shape" or "other batch and shape"
     args: tuple
     kw: dict
     reference: Any
@@ -208,11 +162,17 @@ class Check:
     note: str = ""
 
 
+#: the name of the one check at another batch and another shape (a merged draw)
+OTHER_BATCH_AND_SHAPE = "other batch and shape"
+
+
 def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tuple[tuple, dict],
-                     traced: tuple[tuple, dict], traced_output: Any, other_batch: bool
-                     ) -> list[Check]:
+                     traced: tuple[tuple, dict], traced_output: Any, other_batch: bool, *,
+                     merge: bool = True) -> list[Check]:
     """The checks to run: the example, and with ``other_batch`` a random draw at another batch
-    size. ``traced_output`` is the zeroed original's output on the traced inputs, when it was
+    size and, where the capture keeps a non-batch dim dynamic, at another shape: one draw for
+    both with ``merge`` (another batch and every dynamic dim grown), else one each.
+    ``traced_output`` is the zeroed original's output on the traced inputs, when it was
     already computed (planning folds runs it).
 
     Raises
@@ -229,17 +189,53 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     check_finite(reference, args, kw)
     checks = [Check("example", args, kw, reference, is_traced)]
     if other_batch:
-        checks.append(_other_batch_check(zeroed, model, example, _batch_of(*traced)))
-        checks += _other_shape_check(zeroed, model, example)
+        merged = _merged_check(zeroed, example, _batch_of(*traced)) if merge else None
+        checks += [merged] if merged is not None else \
+            [_other_batch_check(zeroed, model, example, _batch_of(*traced))] + \
+            _other_shape_check(zeroed, model, example)
     return checks
+
+
+def _dynamic_non_batch(zeroed: fx.GraphModule) -> bool:
+    dims = zeroed.meta.get("etp_dynamic_dims") or {}
+    return any(s == "dynamic" and int(d) != 0 for per in dims.values() for d, s in per.items())
+
+
+def _merged_check(zeroed: fx.GraphModule, example: tuple[tuple, dict],
+                  traced_batch: int | None) -> Check | None:
+    """One draw at another batch with every dynamic non-batch dim grown by one: a check that
+    is both "other batch" and "other shape", for one forward pass of each model instead of
+    two. None when there is no dynamic non-batch dim or no batch, or when the draw cannot
+    stand for both (the capture refuses it, or its output is NaN or Inf): the two separate
+    checks then run, and say why."""
+    args, kw = example
+    batch = _batch_of(args, kw)
+    if batch is None or not _dynamic_non_batch(zeroed):
+        return None
+    other = _other_batch_size(batch, traced_batch)
+    for fresh in (True, False):  # fresh values; else rows of the example
+        a, k = another_shape(zeroed, *_draw(args, kw, batch, other, fresh), batch=False)
+        try:
+            with torch.no_grad():
+                reference = zeroed(*a, **k)
+        except Exception:  # noqa: BLE001 - diagnosed by the separate checks
+            return None
+        if non_finite(reference) is None:
+            return Check(OTHER_BATCH_AND_SHAPE, a, k, reference, False)
+    return None
+
+
+def _other_batch_size(batch: int, traced_batch: int | None) -> int:
+    """2, or 3 when the example's or the traced batch is 2: small, to keep the check cheap;
+    never 0 or 1, which torch.export specialises."""
+    return 3 if 2 in (batch, traced_batch) else 2
 
 
 def _other_shape_check(zeroed: fx.GraphModule, model: torch.nn.Module,
                        example: tuple[tuple, dict]) -> list[Check]:
     """One more check where the capture keeps a dim other than the batch dynamic (a sequence
     length, an image size, a node count): every such dim grown by one."""
-    dims = zeroed.meta.get("etp_dynamic_dims") or {}
-    if not any(s == "dynamic" and int(d) != 0 for per in dims.values() for d, s in per.items()):
+    if not _dynamic_non_batch(zeroed):
         return []
     args, kw = another_shape(zeroed, *example)
     try:
@@ -307,24 +303,26 @@ def _draw(args: tuple, kw: dict, batch: int, other: int, fresh: bool) -> tuple[t
         picked = t.index_select(0, rows.to(t.device))
         if not fresh or not t.is_floating_point() or t.numel() < 2:
             return picked
-        std, mean = torch.std_mean(t.double())
-        if not float(std) > 0:
+        std, mean = (float(v) for v in torch.std_mean(t.double()))
+        if not std > 0:
             return picked
-        noise = torch.randn(picked.shape, generator=gen, dtype=torch.float64)
-        return (noise * std.cpu() + mean.cpu()).to(device=t.device, dtype=t.dtype)
+        # drawn in float32 (float64 for a float64 input): the draw is a good part of the
+        # check's cost on image inputs, and float32 noise is as random
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+        noise = torch.randn(picked.shape, generator=gen, dtype=wide)
+        return noise.mul_(std).add_(mean).to(device=t.device, dtype=t.dtype)
     return pytree.tree_map_only(torch.Tensor, one, (tuple(args), dict(kw)))
 
 
 def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
                        example: tuple[tuple, dict], traced_batch: int | None) -> Check:
-    """A random draw at a batch size the result was neither traced nor called with: 2, or 3
-    when either of those is 2 (small, to keep the check cheap; never 0 or 1, which
-    torch.export specialises)."""
+    """A random draw at a batch size the result was neither traced nor called with
+    (:func:`_other_batch_size`)."""
     args, kw = example
     batch = _batch_of(args, kw)
     if batch is None:
         return Check("other batch", args, kw, None, False, "the inputs have no batch dim")
-    other = 3 if 2 in (batch, traced_batch) else 2
+    other = _other_batch_size(batch, traced_batch)
     last = "no draw"
     for fresh in (True, False):  # fresh values; else rows of the example, which are finite
         a, k = _draw(args, kw, batch, other, fresh)
@@ -399,10 +397,14 @@ def _fails_on(c: Check, e: Exception) -> VerificationError:
 
 
 def _dim_hint(c: Check) -> str:
-    if c.name != "other batch":
-        return ""
-    return ("Dim 0 (the batch) of the inputs is the one that changed from the example; "
-            "dynamic_batch=False gives a result for the example's batch only. ")
+    if c.name == "other batch":
+        return ("Dim 0 (the batch) of the inputs is the one that changed from the example; "
+                "dynamic_batch=False gives a result for the example's batch only. ")
+    if c.name == OTHER_BATCH_AND_SHAPE:
+        return ("The batch (dim 0) and every dynamic dim of the inputs changed from the "
+                "example (report['dynamic_dims']); dynamic_batch=False gives a result for the "
+                "example's sizes only. ")
+    return ""
 
 
 def run_checks(checks: list[Check], small: torch.nn.Module, traced_got: Any, tol: Tolerance,

@@ -4,9 +4,12 @@ of the model being compressed. Each compression zeroes and rewrites such a copy,
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
+
+from ..capture import flat_inputs
 
 __all__ = ["working_copy"]
 
@@ -95,7 +98,15 @@ def _deep_copy(gm: fx.GraphModule, clones: _Clones) -> fx.GraphModule:
     return new
 
 
-def working_copy(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule:
+def _interpreted_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a copy not compiled yet: its graph run node by node (as fast as the
+    generated code, give or take a few microseconds a node, and no code generation). The
+    interpreter takes the flat inputs and returns the outputs in the graph's structure."""
+    return fx.Interpreter(self).run(*flat_inputs(self, args, kwargs))
+
+
+def working_copy(gm: fx.GraphModule, model: torch.nn.Module, *,
+                 compiled: bool = True) -> fx.GraphModule:
     """A copy of the captured module ``gm`` that can be zeroed and rewritten in place.
 
     It has its own graph (the nodes' ``meta`` copied shallowly, so layouts are shared), its own
@@ -109,6 +120,10 @@ def working_copy(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule:
         A capture of ``model`` (or of a model with the same parameter names).
     model : nn.Module
         Where the weights come from.
+    compiled : bool
+        Generate the copy's code now. False for a copy that is rewritten (and so compiled
+        again) before it is used much: it runs its graph node by node until
+        ``recompile()``, which saves generating code for a graph that is about to change.
 
     Returns
     -------
@@ -119,5 +134,10 @@ def working_copy(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule:
         new = _copy_module(gm, "", clones)
     except _NoCopy:
         return _deep_copy(gm, clones)
-    new.graph = copy.deepcopy(gm.graph)  # the setter recompiles into new's own class
+    if compiled:
+        new.graph = copy.deepcopy(gm.graph)  # the setter recompiles into new's own class
+    else:
+        new._graph = copy.deepcopy(gm.graph)
+        new._graph.owning_module = new
+        type(new).forward = _interpreted_forward  # new's own class: recompile replaces it
     return new
