@@ -12,6 +12,13 @@ one token fewer for sequence inputs).
 Whatever a module cannot express (a width its ``forward`` hard-codes, a constant no bias can
 carry, a per-head width) is a :class:`ModuleOutputError` that names the module and suggests
 ``output="graph"``.
+
+Memory: no full-size copy of the model is made. The zeroed original's outputs come from the
+user's model with the removed slices zeroed in place and restored afterwards
+(:func:`etp_fx.surgery.zero.zeroed_in_place`), then the pruned copy is built from the kept
+slices (:func:`etp_fx.surgery.module_slice.sliced_copy`): the peak is about the model plus the
+pruned copy (``docs/llm_scale.md``). Only the failure paths (the float64 recheck, naming the
+first module that differs) build a zeroed copy. ``etp_report["seconds"]`` times the phases.
 """
 from __future__ import annotations
 
