@@ -9,19 +9,23 @@ Flows:
 
 - ``etp``: ``etp_fx.compress(model, x, output="module", ratio=R, include=["head", "neuron"],
   uniform=True, keep_constants=False)`` (docs/llm.md's recipe), with the phases timed
-  (trace, plan, slice, verify; the module output reports its own phases).
+  (trace, plan, references, slice, verify; the module output reports its own phases).
 - ``tp``: torch-pruning's LLM recipe written from its public API: ``tp.pruner.BasePruner``
   with ``num_heads`` (q/k/v projections), ``prune_num_heads=True, prune_head_dims=False,
   head_pruning_ratio=R``, the MLP neurons at ``pruning_ratio=R``, then the attention modules'
   head counts and the config patched. The hidden width is kept (``o_proj`` and ``down_proj``
   are ignored as group roots, with ``lm_head``) so both flows remove the same kinds of units.
+- ``tp-hidden``: the same with only ``lm_head`` ignored, as torch-pruning's LLM example does:
+  the hidden width is pruned too (approximate: every RMSNorm then divides by a new width).
 - ``meta``: a Llama-3-8B-shaped model built under ``torch.device("meta")`` (no weights):
   trace, then the module plan's structure (the groups a module can shrink, how many units
   each loses at ratio R with uniform widths) and its parameter count, as a first-k
   :class:`etp_fx.Plan` (a norm needs weights to rank units).
 
-For ``etp`` and ``tp`` the result's greedy tokens are compared with the zeroed original's
-(the model with the removed units zeroed, built in place after the peak was read).
+For ``etp`` the result's greedy tokens are compared with the zeroed original's (the model
+with the removed units zeroed, in place, after the peak was read); torch-pruning does not say
+which units it removed, so its results are run (logits finite, ``generate()`` works) and
+checked for the grouped-query mapping (each kept query head still reads its key/value head).
 """
 from __future__ import annotations
 
@@ -151,7 +155,8 @@ def tp_patch(model: torch.nn.Module) -> dict:
     first = model.model.layers[0]
     new = {"num_attention_heads": first.self_attn.q_proj.out_features // head_dim,
            "num_key_value_heads": first.self_attn.k_proj.out_features // head_dim,
-           "intermediate_size": first.mlp.gate_proj.out_features, "head_dim": head_dim}
+           "intermediate_size": first.mlp.gate_proj.out_features, "head_dim": head_dim,
+           "hidden_size": model.model.embed_tokens.embedding_dim}
     changed = {k: [getattr(cfg, k, None), v] for k, v in new.items() if getattr(cfg, k, None) != v}
     for k, v in new.items():
         setattr(cfg, k, v)
@@ -190,15 +195,17 @@ def gqa_mapping(before: dict, after: dict) -> dict:
     return {"q_heads_per_kv_group_layer0": per_group, "layers_with_wrong_kv_mapping": wrong}
 
 
-def tp_worker(config: str, ratio: float, generate: bool) -> dict:
-    """torch-pruning's LLM flow on the same model; the result's logits and generate()."""
+def tp_worker(config: str, ratio: float, generate: bool, hidden: bool = False) -> dict:
+    """torch-pruning's LLM flow on the same model; the result's logits and generate().
+    ``hidden``: its recipe as published, the hidden width pruned too (only ``lm_head``
+    ignored), which no zeroed original describes (every RMSNorm divides by a new width)."""
     import torch_pruning as tp
     t0 = time.perf_counter()
     model, example = build(config)
     rec = _base_record(model, time.perf_counter() - t0)
     ids = example["input_ids"]
-    ignored = [model.lm_head] + [m for layer in model.model.layers
-                                 for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    ignored = [model.lm_head] + ([] if hidden else [
+        m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)])
     t0 = time.perf_counter()
     pruner = tp.pruner.BasePruner(
         model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -206,13 +213,14 @@ def tp_worker(config: str, ratio: float, generate: bool) -> dict:
         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
         global_pruning=False, forward_fn=lambda m, x: m(x, use_cache=False).logits)
     rec.update(graph_s=time.perf_counter() - t0, rss_after_trace_mb=peak_mb())
-    digests = {p: head_digests(model, p) for p in ("q_proj", "k_proj")}
+    digests = {p: head_digests(model, p) for p in ("q_proj", "k_proj")} if not hidden else {}
     t0 = time.perf_counter()
     pruner.step()
     rec["hf_config"] = tp_patch(model)
     rec.update(prune_s=time.perf_counter() - t0, peak_rss_mb=peak_mb(),
                params_after=sum(p.numel() for p in model.parameters()))
-    rec.update(gqa_mapping(digests, {p: head_digests(model, p) for p in digests}))
+    if not hidden:  # with the hidden width pruned, the rows' digests change: not traceable
+        rec.update(gqa_mapping(digests, {p: head_digests(model, p) for p in digests}))
     try:
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits
@@ -261,7 +269,8 @@ def first_k(graph, ratio: float, bad) -> dict:
     return plan
 
 
-WORKERS = {"etp": etp_worker, "tp": tp_worker, "meta": meta_worker}
+WORKERS = {"etp": etp_worker, "tp": tp_worker, "meta": meta_worker,
+           "tp-hidden": lambda c, r, g: tp_worker(c, r, g, hidden=True)}
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -320,7 +329,7 @@ def table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the ~20M-parameter config only")
-    ap.add_argument("--flows", default="etp,tp,meta")
+    ap.add_argument("--flows", default="etp,tp,tp-hidden,meta")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--no-generate", action="store_true",
                     help="skip the greedy-token check (slow on the 1B model)")
