@@ -1,6 +1,7 @@
 """Verification that cannot be empty (issue 14): what compress checks, on which inputs, at which
 tolerance, and what it refuses instead of passing silently. docs/verification.md describes it."""
 import copy
+import inspect
 import math
 import operator
 import sys
@@ -300,6 +301,20 @@ def test_a_result_wrong_only_at_another_length_is_caught(monkeypatch):
     monkeypatch.setattr(C, "apply_folds", length_bound)
     with pytest.raises(etp_fx.VerificationError, match=r"Tensor\(2, 7, 5\).*other batch and shape"):
         _tokens_result(monkeypatch)
+
+
+def test_the_working_copy_runs_and_grows_inputs_before_it_is_compiled():
+    """The zeroed original is not compiled until the rewrite (it runs node by node): it must
+    compute what the capture computes, and name its inputs as the capture's forward does (the
+    dims to grow are found by name), at any shape the capture takes."""
+    model, x = _Tokens().eval(), torch.randn(4, 6, 5)
+    gm = etp_fx.capture.capture(model, (x,), {}, dynamic="auto", method="export")
+    copy_ = sys.modules["etp_fx.surgery.working_copy"].working_copy(gm, model, compiled=False)
+    assert inspect.signature(copy_.forward) == inspect.signature(gm.forward)
+    args, kw = etp_fx.capture.another_shape(copy_, (x,), {})
+    assert kw["x"].shape == (5, 7, 5)
+    with torch.no_grad():
+        assert torch.equal(copy_(x), gm(x)) and torch.equal(copy_(**kw), gm(**kw))
 
 
 # --- 7./8. every dtype, every selection; rounding is not "an etp_fx bug" ---------------------

@@ -4,7 +4,8 @@ of the model being compressed. Each compression zeroes and rewrites such a copy,
 from __future__ import annotations
 
 import copy
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -98,11 +99,15 @@ def _deep_copy(gm: fx.GraphModule, clones: _Clones) -> fx.GraphModule:
     return new
 
 
-def _interpreted_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+def _interpreted_forward(like: fx.GraphModule) -> Callable[..., Any]:
     """The forward of a copy not compiled yet: its graph run node by node (as fast as the
     generated code, give or take a few microseconds a node, and no code generation). The
-    interpreter takes the flat inputs and returns the outputs in the graph's structure."""
-    return fx.Interpreter(self).run(*flat_inputs(self, args, kwargs))
+    interpreter takes the flat inputs and returns the outputs in the graph's structure. It
+    has the signature of ``like``'s forward: inputs are named by it (the dims to grow)."""
+    def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        return fx.Interpreter(self).run(*flat_inputs(self, args, kwargs))
+    forward.__signature__ = inspect.signature(type(like).forward)
+    return forward
 
 
 def working_copy(gm: fx.GraphModule, model: torch.nn.Module, *,
@@ -139,5 +144,5 @@ def working_copy(gm: fx.GraphModule, model: torch.nn.Module, *,
     else:
         new._graph = copy.deepcopy(gm.graph)
         new._graph.owning_module = new
-        type(new).forward = _interpreted_forward  # new's own class: recompile replaces it
+        type(new).forward = _interpreted_forward(gm)  # new's own class: recompile replaces it
     return new
