@@ -22,12 +22,13 @@ first module that differs) build a zeroed copy. ``etp_report["seconds"]`` times 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
 import time
 import traceback
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.utils._pytree as pytree
@@ -117,10 +118,10 @@ def _pruned_copy(zeroed: _ZeroedOriginal, args: tuple, kw: dict, clock: _Clock, 
     (:func:`etp_fx.surgery.module_slice.sliced_copy`). No full-size copy of the model is
     made, so the peak is about the model plus the pruned copy."""
     model, graph, plan = zeroed.model, zeroed.graph, zeroed.plan
-    keep_constants = zeroed.keep_constants
-    with zeroed_in_place(model, graph, plan, keep_constants=keep_constants):
-        folds = bias_folds(graph, plan, model, args, kw) if keep_constants and plan else []
-        checks = _checks(model, args, kw) if verify else []
+    with _zeroed_for_references(zeroed) as reference:
+        folds = bias_folds(graph, plan, reference, args, kw) \
+            if zeroed.keep_constants and plan else []
+        checks = _checks(reference, args, kw) if verify else []
     clock.lap("references")
     gc.collect()  # the saved slices go before the pruned copy is built
     small, tensors = sliced_copy(model, removed_positions(graph, plan))
@@ -132,6 +133,20 @@ def _pruned_copy(zeroed: _ZeroedOriginal, args: tuple, kw: dict, clock: _Clock, 
     report["seconds"] = clock.seconds
     small.etp_report = report
     return small
+
+
+@contextlib.contextmanager
+def _zeroed_for_references(zeroed: _ZeroedOriginal) -> Iterator[torch.nn.Module]:
+    """The model the references run on: the user's model with the removed slices zeroed in
+    place, or, when its parameters are inference tensors (made under
+    ``torch.inference_mode()``, which refuses writes in place), a zeroed copy: full size,
+    dropped at the end of the block."""
+    if any(p.is_inference() for p in zeroed.model.parameters()):
+        yield zeroed.copy()
+        return
+    with zeroed_in_place(zeroed.model, zeroed.graph, zeroed.plan,
+                         keep_constants=zeroed.keep_constants) as model:
+        yield model
 
 
 class _Clock:
