@@ -77,17 +77,22 @@ def with_negative_zeros(model):
     return model
 
 
-def test_no_full_size_copy_is_held():
+@pytest.mark.parametrize("keep_constants", [False, True])
+def test_no_full_size_copy_is_held(keep_constants):
+    # keep_constants=True also plans folds on a copy of the capture, which shares the
+    # zeroed model's tensors instead of copying them
     model, example, graph = tiny_llama()
     size = nbytes(model)
     small, peak = peak_allocated(lambda: MO.compress_module(
-        model, example, SELECTION, graph=graph, keep_constants=False))
+        model, example, SELECTION, graph=graph, keep_constants=keep_constants))
     kept = nbytes(small)
     assert kept < 0.85 * size  # the selection removed something worth measuring
-    # today: the pruned copy plus at most the removed slices (saved while zeroed) and the
-    # forwards' activations; a deep copy of the model (zeroed original, or a full-size copy
-    # sliced afterwards) alone would be `size`
-    assert peak < kept + 0.35 * size, (peak / size, kept / size)
+    # the pruned copy (0.79x here) and the forwards' activations: 0.86x measured. The saved
+    # slices (0.21x) are freed before the copy is built. Any deep copy of the model (a zeroed
+    # original, a full-size copy sliced afterwards, the capture's weights) adds 1x: 2.08x
+    # (3.08x with keep_constants) before this was measured, 1.17x with only the capture
+    # copied
+    assert peak < kept + 0.2 * size, (peak / size, kept / size)
     assert peak < size
 
 
