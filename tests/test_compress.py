@@ -208,3 +208,51 @@ def test_constants_asked_for_are_never_dropped():
     with pytest.raises(etp_fx.FoldError, match="depend on the input") as e:
         etp_fx.compress(_ln_mlp(), torch.randn(5, 6), ratio=0.25, keep_constants=True)
     assert e.value.groups == ("0.weight[0]",)
+
+
+# --- the fast capture is checked against the model once: by the other batch's reference -----
+
+def _counting_capture_checks(monkeypatch):
+    captures = __import__("sys").modules["etp_fx.surgery.captures"]
+    calls = []
+    real = captures.check_capture
+    monkeypatch.setattr(captures, "check_capture",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_the_other_batch_check_vouches_for_the_fast_capture(monkeypatch):
+    """Verified and batch-dynamic: the reference at another batch is the model itself with
+    the units zeroed, so the fast capture is not run against the model beforehand (two eager
+    runs saved); without verification it still is."""
+    calls = _counting_capture_checks(monkeypatch)
+    model, x = perturbed(Residual()).eval(), torch.randn(1, 3, 8, 8)
+    g = etp_fx.trace(model, x)
+    plan = {"a.weight[0]": [0, 3]}
+    small = etp_fx.compress(model, x, remove=plan, graph=g)
+    assert calls == [] and "etp_capture_vouched" not in small.meta
+    assert [v["check"] for v in small.meta["etp_report"]["verified"]] == ["example",
+                                                                           "other batch"]
+    etp_fx.compress(model, x, remove=plan, graph=etp_fx.trace(model, x), verify=False)
+    assert calls == [1]
+
+
+def test_a_fast_capture_that_computes_something_else_is_replaced(monkeypatch):
+    """Sabotage: the user's fast-path graph adds 1 to the output. Its zeroed copy and the
+    result agree on the example, but not with the model at another batch: the capture is
+    then run against the model, found wrong, and the model exported; the result is right."""
+    model, x = perturbed(Residual()).eval(), torch.randn(1, 3, 8, 8)
+    g = etp_fx.trace(model, x)
+    out = next(n for n in g.module.graph.nodes if n.op == "output")
+    with g.module.graph.inserting_before(out):
+        wrong = g.module.graph.call_function(torch.ops.aten.add.Tensor, (out.args[0][0], 1.0))
+    out.args = ((wrong,) + tuple(out.args[0][1:]),)
+    g.module.recompile()
+    calls = _counting_capture_checks(monkeypatch)
+    plan = {"a.weight[0]": [0, 3]}
+    small = etp_fx.compress(model, x, remove=plan, graph=g)
+    assert calls, "the capture was run against the model once the other batch disagreed"
+    zeroed = etp_fx.zero_units(copy.deepcopy(model), g, plan)
+    x3 = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x3), zeroed(x3), rtol=1e-4, atol=1e-5)

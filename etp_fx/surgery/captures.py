@@ -21,7 +21,8 @@ from ..graph.signature import structure_of
 from ..graph.trace import trace_args
 from .working_copy import working_copy
 
-__all__ = ["capture_for", "batch_of_two", "batch_dynamic", "fits"]
+__all__ = ["capture_for", "batch_of_two", "batch_dynamic", "fits", "runs_like_model",
+           "unchecked"]
 
 # captures of a model that compress() made for other input shapes or a dynamic batch, per user
 # graph, keyed by (id of the model, dynamic batch, method, input shapes): one capture per key.
@@ -30,7 +31,8 @@ _CAPTURES: "weakref.WeakKeyDictionary[DependencyGraph, dict]" = weakref.WeakKeyD
 
 
 def capture_for(model: torch.nn.Module, graph: DependencyGraph, args: tuple, kw: dict,
-                dynamic_batch: bool) -> tuple[DependencyGraph, tuple[tuple, dict]]:
+                dynamic_batch: bool, *, defer_check: bool = False
+                ) -> tuple[DependencyGraph, tuple[tuple, dict]]:
     """The capture to rewrite (never modified: each attempt rewrites a working copy) and the
     inputs it was traced on.
 
@@ -39,18 +41,21 @@ def capture_for(model: torch.nn.Module, graph: DependencyGraph, args: tuple, kw:
     again: batch-dynamic, on a batch of two when the example has a batch of 1 (torch.export
     specialises sizes 0 and 1); if the model's code fixes the batch anyway, statically at the
     example's own shapes. A fast-path capture is first run against the model (with the
-    model's weights); when they disagree, the model is exported instead."""
-    if _reusable(graph, model, args, kw, dynamic_batch):
+    model's weights); when they disagree, the model is exported instead. With
+    ``defer_check``, that run is left to the caller (:func:`unchecked` says whether it is
+    still due, :func:`runs_like_model` makes it), unless its verdict is known already."""
+    if _reusable(graph, model, args, kw, dynamic_batch, defer_check):
         return graph, (args, kw)
     if dynamic_batch:
         args2, kw2 = batch_of_two(args, kw)
-        base = _checked_capture(model, graph, args2, kw2, True)
+        base = _checked_capture(model, graph, args2, kw2, True, defer_check)
         if batch_dynamic(base.module) or not _doubled(args, kw, args2, kw2):
             return base, (args2, kw2)
-    return _checked_capture(model, graph, args, kw, False), (args, kw)
+    return _checked_capture(model, graph, args, kw, False, defer_check), (args, kw)
 
 
-def _reusable(graph: DependencyGraph, model, args: tuple, kw: dict, dynamic_batch: bool) -> bool:
+def _reusable(graph: DependencyGraph, model, args: tuple, kw: dict, dynamic_batch: bool,
+              defer_check: bool) -> bool:
     """Does the user's trace serve as it is? A capture of this model's code, on inputs of these
     shapes, holding for any batch size when a batch-dynamic result is wanted."""
     if graph.structure != structure_of(model) or not fits(graph.module, args, kw):
@@ -58,18 +63,26 @@ def _reusable(graph: DependencyGraph, model, args: tuple, kw: dict, dynamic_batc
     meta = graph.module.meta
     if dynamic_batch and not (meta.get("etp_batch_generic") or meta.get("etp_dynamic") == "auto"):
         return False
-    return _runs_like(graph, model, args, kw)
+    return (defer_check and unchecked(graph, model)) or runs_like_model(graph, model, args, kw)
 
 
 def _checked_capture(model, graph: DependencyGraph, args: tuple, kw: dict,
-                     dynamic_batch: bool) -> DependencyGraph:
+                     dynamic_batch: bool, defer_check: bool) -> DependencyGraph:
     base = _cached_capture(model, graph, args, kw, dynamic_batch, "auto")
-    if _runs_like(base, model, args, kw):
+    if (defer_check and unchecked(base, model)) or runs_like_model(base, model, args, kw):
         return base
     return _cached_capture(model, graph, args, kw, dynamic_batch, "export")
 
 
-def _runs_like(base: DependencyGraph, model, args: tuple, kw: dict) -> bool:
+def unchecked(base: DependencyGraph, model: torch.nn.Module) -> bool:
+    """Is ``base`` a fast-path capture whose run against ``model`` is still due (no verdict
+    for these weights yet)?"""
+    gm = base.module
+    return gm.meta.get("etp_capture") == "fx" and not (
+        "etp_capture_check" in gm.meta and _shares_weights(gm, model))
+
+
+def runs_like_model(base: DependencyGraph, model, args: tuple, kw: dict) -> bool:
     """Does the capture compute what ``model`` computes on these inputs? Only a fast-path capture
     is in doubt (export is the reference IR). It is run with ``model``'s weights: a capture
     shares the weights of the model it was traced from, and ``model`` may be another copy

@@ -10,14 +10,14 @@ import math
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..capture import check_deterministic, check_model_and_inputs, describe_inputs, \
-    normalize_inputs
+    eval_mode, normalize_inputs, untouched
 from ..errors import (FoldError, ModelError, OptionError, PlanError, RewriteError, TraceError,
                       VerificationError)
 from ..graph.depgraph import DependencyGraph
@@ -25,7 +25,7 @@ from ..graph.plan import kept_units
 from ..graph.signature import check_model_matches
 from ..graph.trace import trace_args
 from ..regularise.selection import Selection, selection_from
-from .captures import batch_dynamic, batch_of_two, capture_for, fits
+from .captures import batch_dynamic, batch_of_two, capture_for, fits, runs_like_model, unchecked
 from .fold import apply_folds, plan_folds
 from .module_output import compress_module
 from .rewrite import check_shapes, rewrite_module
@@ -55,6 +55,10 @@ class Job:
     verify: bool
     dynamic_batch: bool
     whole: frozenset = frozenset()  # groups zeroed whole although keep_constants is set
+    # ``base`` is a fast-path capture not yet run against the model: the check at another
+    # batch then takes its reference from the model itself, which vouches for the capture
+    # (one eager run instead of two); where it does not, the capture is checked after all
+    unchecked: bool = False
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection | None = None,
@@ -109,17 +113,53 @@ def compress(model: torch.nn.Module, example_inputs: Any, selection: Selection |
     selection = selection_from(selection, **select_forms)
     args, kw, graph = _prepared(model, example_inputs, graph, rtol)
     plan = _select(selection, graph, model, allow_approximate)                     # select
-    base, traced = capture_for(model, graph, args, kw, dynamic_batch)             # capture
     keep = selection.keeps_constants if keep_constants is None else keep_constants
-    job = Job(model, graph, base, plan, traced, (args, kw), keep, keep_constants is None,
+    job = Job(model, graph, graph, plan, (args, kw), (args, kw), keep, keep_constants is None,
               tolerance_for(model, args, kw, rtol), verify, dynamic_batch)
-    return _verified(job)
+    return _captured_and_verified(job)  # base and traced: the capture it makes
 
 
-def _verified(job: Job) -> fx.GraphModule:
+def _captured_and_verified(job: Job) -> fx.GraphModule:
+    """Capture (:func:`capture_for`), then the surgery. A verified batch-dynamic result lets
+    the check at another batch vouch for a fast capture; one that turns out to compute
+    something else than the model is captured again (exported)."""
+    (args, kw), model = job.example, job.model
+    defer = job.verify and job.dynamic_batch
+    base, traced = capture_for(model, job.graph, args, kw, job.dynamic_batch, defer_check=defer)
+    small = _verified(dataclasses.replace(job, base=base, traced=traced,
+                                          unchecked=defer and unchecked(base, model)))
+    if small is None:
+        base, traced = capture_for(model, job.graph, args, kw, job.dynamic_batch)
+        small = _verified(dataclasses.replace(job, base=base, traced=traced, unchecked=False))
+    return small
+
+
+def _capture_differs(job: Job, small: fx.GraphModule | None) -> bool:
+    """Does the job's fast capture, not run against the model before the surgery, compute
+    something else than the model? Not when the check at another batch vouched for it (its
+    reference was the model itself, and it passed without a float64 recheck, which compares
+    with the capture); else the capture is run against the model now."""
+    if not job.unchecked:
+        return False
+    if small is not None and small.meta.pop("etp_capture_vouched", False):
+        return False
+    return not runs_like_model(job.base, job.model, *job.traced)
+
+
+def _verified(job: Job) -> fx.GraphModule | None:
     """The surgery's result once it verifies. With default kept constants that do not verify
-    (folded into ops that are not linear in them), the plan's groups are zeroed whole."""
-    small = _surgery_of(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify
+    (folded into ops that are not linear in them), the plan's groups are zeroed whole. None
+    when the job's unchecked fast capture turns out to compute something else than the model
+    (the caller captures again)."""
+    try:
+        small = _surgery_of(job)  # zero, plan folds, rewrite, apply folds, check shapes, verify
+    except Exception:  # noqa: BLE001 - re-raised unless the capture is to blame
+        if _capture_differs(job, None):
+            return None
+        raise
+    if _capture_differs(job, small):
+        return None
+    job = dataclasses.replace(job, unchecked=False)  # for the retries below: it runs like it
     if not _failed_checks(small) or _approximate(job.graph, job.plan):
         return small
     if job.fall_back and job.keep_constants and set(job.plan) - job.whole:
@@ -260,18 +300,38 @@ def _finished(job: Job, planned: _Planned) -> fx.GraphModule:
     # result's sizes (then the batch is checked alone, and the shape is recorded as pinned)
     checks = reference_checks(gm, job.model, job.example, job.traced,
                               planned.ran[0] if planned.ran else None, job.dynamic_batch,
-                              merge=all(f.size_free for f in folds)) if job.verify else []
+                              merge=all(f.size_free for f in folds),
+                              oracle=_zeroed_model(job, gm) if job.unchecked else None) \
+        if job.verify else []
     planned.ran.clear()
     rewrite_module(gm, keep, recompile=False)
     fold_lines = apply_folds(gm, folds, keep)  # compiles the rewritten graph, once
     with torch.no_grad():
         got = check_shapes(gm, keep, *job.traced)
     verified = run_checks(checks, gm, got, job.tolerance, lambda: _zeroed_original(job))
+    if job.unchecked:  # read (and dropped) by _capture_differs
+        gm.meta["etp_capture_vouched"] = any(
+            c.oracle == "model" and r["passed"] is True and "float64_rel_diff" not in r
+            for c, r in zip(checks, verified))
     gm.meta["etp_report"] = _report(job, planned.g2, gm, fold_lines, verified)
     example = _detached(job.example)  # save() exports at these: a batch of 1 is specialised
     gm.meta["etp_example_inputs"] = batch_of_two(*example) if \
         gm.meta["etp_report"]["batch_dynamic"] else example
     return gm
+
+
+def _zeroed_model(job: Job, zeroed: fx.GraphModule) -> Callable[[tuple, dict], Any]:
+    """The model's own forward (eager, eval mode, left as it was) with the zeroed copy's
+    parameters in place of its own: the zeroed original without the capture."""
+    own = dict(job.model.named_parameters(remove_duplicate=False))
+    params = {name: t for name, t in zeroed.named_parameters(remove_duplicate=False)
+              if name in own and own[name].shape == t.shape and own[name].dtype == t.dtype}
+
+    def run(args: tuple, kw: dict) -> Any:
+        with eval_mode(job.model), untouched(job.model, copy_parameters=False), \
+                torch.no_grad():
+            return torch.func.functional_call(job.model, params, tuple(args), dict(kw))
+    return run
 
 
 def _detached(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:

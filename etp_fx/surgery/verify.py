@@ -1,16 +1,17 @@
 """Verification: the compressed model against the *zeroed original*, on more than one input.
 
 The oracle is the capture the result was rewritten from, with the removed units zeroed (what
-:func:`etp_fx.zero_units` makes of the model). Both run on the example inputs and, for a result
-that accepts any batch size, on a second random draw at another batch size (and, where the
-capture keeps a non-batch dim dynamic, every such dim grown: one draw for both). Floating outputs
-must agree to a tolerance of the output's scale that depends on the dtype the model computes
-in; integer and boolean outputs must be equal. A floating difference beyond the tolerance is
-rechecked with both models in float64, which tells rounding (amplified by an ill-conditioned
-op) from a real difference. What cannot be checked is refused, never passed: non-finite inputs
-or reference outputs, a model with no output to compare, a tolerance that is not a number
-(non-finite example inputs are refused before any capture, by
-:func:`etp_fx.capture.check_model_and_inputs`).
+:func:`etp_fx.zero_units` makes of the model); at another batch, for a fast-path capture not
+yet run against the model, the model's own forward with those units zeroed. Both run on the
+example inputs and, for a result that accepts any batch size, on a second random draw at
+another batch size (and, where the capture keeps a non-batch dim dynamic, every such dim
+grown: one draw for both). Floating outputs must agree to a tolerance of the output's scale
+that depends on the dtype the model computes in; integer and boolean outputs must be equal.
+A floating difference beyond the tolerance is rechecked with both models in float64, which
+tells rounding (amplified by an ill-conditioned op) from a real difference. What cannot be
+checked is refused, never passed: non-finite inputs or reference outputs, a model with no
+output to compare, a tolerance that is not a number (non-finite example inputs are refused
+before any capture, by :func:`etp_fx.capture.check_model_and_inputs`).
 ``docs/verification.md`` describes all of it.
 """
 from __future__ import annotations
@@ -160,6 +161,9 @@ class Check:
     reference: Any
     traced: bool  # the inputs the capture was traced on: the shape check's run is the output
     note: str = ""
+    # "model": the reference is the model's own forward with the units zeroed (an eager
+    # run), which vouches for the capture too; "capture": the zeroed capture's
+    oracle: str = "capture"
 
 
 #: the name of the one check at another batch and another shape (a merged draw)
@@ -168,12 +172,14 @@ OTHER_BATCH_AND_SHAPE = "other batch and shape"
 
 def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tuple[tuple, dict],
                      traced: tuple[tuple, dict], traced_output: Any, other_batch: bool, *,
-                     merge: bool = True) -> list[Check]:
+                     merge: bool = True, oracle: Callable[[tuple, dict], Any] | None = None
+                     ) -> list[Check]:
     """The checks to run: the example, and with ``other_batch`` a random draw at another batch
     size and, where the capture keeps a non-batch dim dynamic, at another shape: one draw for
     both with ``merge`` (another batch and every dynamic dim grown), else one each.
     ``traced_output`` is the zeroed original's output on the traced inputs, when it was
-    already computed (planning folds runs it).
+    already computed (planning folds runs it). ``oracle(args, kw)``, when given, computes the
+    reference at another batch instead of ``zeroed``: the model itself with the units zeroed.
 
     Raises
     ------
@@ -191,7 +197,7 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     if other_batch:
         merged = _merged_check(zeroed, example, _batch_of(*traced)) if merge else None
         checks += [merged] if merged is not None else \
-            [_other_batch_check(zeroed, model, example, _batch_of(*traced))] + \
+            [_other_batch_check(zeroed, model, example, _batch_of(*traced), oracle)] + \
             _other_shape_check(zeroed, model, example)
     return checks
 
@@ -315,9 +321,11 @@ def _draw(args: tuple, kw: dict, batch: int, other: int, fresh: bool) -> tuple[t
 
 
 def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
-                       example: tuple[tuple, dict], traced_batch: int | None) -> Check:
+                       example: tuple[tuple, dict], traced_batch: int | None,
+                       oracle: Callable[[tuple, dict], Any] | None = None) -> Check:
     """A random draw at a batch size the result was neither traced nor called with
-    (:func:`_other_batch_size`)."""
+    (:func:`_other_batch_size`), its reference from ``oracle`` (the model itself, units
+    zeroed) when given, else from the zeroed capture."""
     args, kw = example
     batch = _batch_of(args, kw)
     if batch is None:
@@ -328,12 +336,16 @@ def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
         a, k = _draw(args, kw, batch, other, fresh)
         try:
             with torch.no_grad():
-                reference = zeroed(*a, **k)
+                reference = oracle(a, k) if oracle is not None else zeroed(*a, **k)
         except Exception as e:  # noqa: BLE001 - the capture's fault or the draw's: see below
+            if oracle is not None:  # the model itself refuses the draw
+                return Check("other batch", a, k, None, False, f"not checked: the model "
+                             f"itself does not run at batch {other} ({type(e).__name__})")
             return _refused_batch(model, a, k, batch, other, e)
         last = non_finite(reference)
         if last is None:
-            return Check("other batch", a, k, reference, False)
+            return Check("other batch", a, k, reference, False,
+                         oracle="model" if oracle is not None else "capture")
     return Check("other batch", a, k, None, False, f"not checked: on a draw at batch {other}, "
                  f"{last}")
 
