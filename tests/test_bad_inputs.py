@@ -13,6 +13,7 @@ then raises :class:`ExitedWith2` carrying that line, so the table checks it like
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import re
 import textwrap
@@ -177,6 +178,9 @@ def _rows() -> list[Row]:
         # --- compress: the selection -------------------------------------------------------------
         Row("compress/no-selection", lambda c: C(c.model, c.x), (SelectionError,),
             "give exactly one of"),
+        Row("select/meta-weights", lambda c: etp_fx.select.by_budget(
+            c.graph, copy.deepcopy(c.model).to("meta"), macs=0.5), (SelectionError, ValueError),
+            "on the meta device.*etp_fx.Plan"),
         Row("compress/ratio=1.5", lambda c: C(c.model, c.x, ratio=1.5), (SelectionError,),
             r"ratio .* \[0, 1\); got 1.5"),
         Row("compress/ratio=-0.1", lambda c: C(c.model, c.x, ratio=-0.1), (SelectionError,),

@@ -1,12 +1,16 @@
 """Unit kinds (``ChannelGroup.unit_kind``) on small Hugging Face transformers: every head axis
 is a "head" (also the query heads inside a key/value group of grouped-query attention), every
 per-head width a "head-dim" (also RoPE's rotate-half pairs and GPT-2's fused q | k | v), MLP
-and hidden widths "neuron". ``include=["head", "neuron"]`` relies on these labels. Small
+widths "neuron", and the model width (the embedding's features, normalised by every RMSNorm or
+LayerNorm) "hidden". ``include=["head", "neuron"]`` relies on these labels: it used to remove
+the hidden width too in the graph output, where it was labelled "neuron". Small
 random configs: nothing is downloaded."""
 import pytest
 import torch
+import torch.nn as nn
 
 import etp_fx
+from etp_fx import SelectionError
 from etp_fx.regularise.uniform import role_of
 
 T = pytest.importorskip("transformers")
@@ -42,7 +46,7 @@ def _vit():
 
 
 _GQA = {  # 4 query heads in 2 key/value groups of 2; head dim 16, RoPE pairs j and j + 8
-    "model.embed_tokens.weight[1]": (64, "neuron"),  # the hidden width
+    "model.embed_tokens.weight[1]": (64, "hidden"),  # the model width
     "model.layers.*.self_attn.q_proj.weight[0].0": (2, "head"),  # key/value heads
     "model.layers.*.self_attn.q_proj.weight[0].1": (2, "head"),  # query heads per kv group
     "model.layers.*.self_attn.q_proj.weight[0].2": (8, "head-dim"),  # q/k dims (RoPE halves)
@@ -53,7 +57,7 @@ EXPECTED = {
     "llama": (_llama, _GQA),
     "qwen2": (_qwen2, _GQA),
     "bert": (_bert, {
-        "bert.embeddings.word_embeddings.weight[1]": (64, "neuron"),
+        "bert.embeddings.word_embeddings.weight[1]": (64, "hidden"),
         "bert.encoder.layer.*.attention.self.query.weight[0].0": (4, "head"),
         "bert.encoder.layer.*.attention.self.query.weight[0].1": (16, "head-dim"),
         "bert.encoder.layer.*.attention.self.value.weight[0].1": (16, "head-dim"),
@@ -61,7 +65,7 @@ EXPECTED = {
         "bert.pooler.dense.weight[0]": (64, "neuron"),
     }),
     "gpt2": (_gpt2, {  # c_attn's output is the concatenation q | k | v of heads x head dim
-        "transformer.wte.weight[1]": (64, "neuron"),
+        "transformer.wte.weight[1]": (64, "hidden"),
         "transformer.h.*.attn.c_attn.weight[1].0": (4, "head"),
         "transformer.h.*.attn.c_attn.weight[1].1": (16, "head-dim"),  # q/k dims
         "transformer.h.*.attn.c_attn.weight[1].5": (16, "head-dim"),  # v dims
@@ -114,3 +118,29 @@ def test_gqa_query_heads_are_heads_and_rope_dims_are_head_dims(make):
     plan = etp_fx.Ratio(0.5, include=["head", "neuron"]).select(g, model)
     assert per_kv[0].id in plan and rope[0].id not in plan
     assert all(g[gid].unit_kind in ("head", "neuron") for gid in plan)
+
+
+def test_heads_and_neurons_leave_the_model_width_alone_in_the_graph_output():
+    torch.manual_seed(0)
+    model, inputs = _llama()
+    model.eval()
+    g = etp_fx.trace(model, inputs)
+    plan = etp_fx.select.by_budget(g, model, macs=0.5, include=["head", "neuron"])
+    assert plan and "model.embed_tokens.weight[1]" not in plan
+    small = etp_fx.compress(model, inputs, target_macs=0.6, include=["head", "neuron"],
+                            keep_constants=False, graph=g)
+    assert small.get_parameter("model.embed_tokens.weight").shape[1] == 64
+    assert list(etp_fx.select.by_ratio(g, model, 0.25, include="hidden")) == \
+        ["model.embed_tokens.weight[1]"]
+
+
+def test_a_plain_mlp_has_neurons():
+    g = etp_fx.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+                     torch.randn(2, 4))
+    assert [grp.unit_kind for grp in g.groups] == ["neuron"]
+
+
+def test_an_unknown_kind_names_the_known_ones():
+    model, inputs = _llama()
+    with pytest.raises(SelectionError, match="kinds: channel, neuron, hidden, head, head-dim"):
+        etp_fx.compress(model.eval(), inputs, ratio=0.2, include=["neurons"], output="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import networkx as nx
 import torch
@@ -18,10 +18,15 @@ from . import rules as _rules  # noqa: F401 - registers the built-in rules
 from .cost import CostModel
 from .describe import group_networkx, summary_table, to_dot
 from .layout import Axis, Cat, Prod, Term, freeze, leaves, resolve, size_of, unify
+from .reductions import NORMALISING, reduced_leaves
 from .rules.table import RuleContext, data_dependent, lookup, size_value
 from .tensors import get_tensor
 
-__all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph"]
+__all__ = ["Member", "ChannelGroup", "DependencyGraph", "build_graph", "UNIT_KINDS",
+           "include_predicate"]
+
+#: the kinds of unit ``include=`` may name besides group ids (see ``_unit_kind``)
+UNIT_KINDS = ("channel", "neuron", "hidden", "head", "head-dim")
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,7 @@ def _collect_groups(gm: fx.GraphModule, roles, params, buffers):
                 leaf_of[leaf.uid] = leaf
     # a leaf may be reached via a second get_attr of the same parameter: names dedupe above
     order = {n: i for i, (n, _) in enumerate(list(gm.named_parameters()) + list(gm.named_buffers()))}
+    normalised = {leaf.uid for leaf, _ in reduced_leaves(gm, NORMALISING)}
     groups = []
     for uid, members in slots.items():
         leaf = leaf_of[uid]
@@ -297,7 +303,8 @@ def _collect_groups(gm: fx.GraphModule, roles, params, buffers):
             continue
         if not any(m.roles for m in mem):
             continue  # no rule ever read these dims as channels (nothing couples them)
-        groups.append(ChannelGroup(_group_id(members, leaf), leaf.size, _unit_kind(members, leaf, mem, gm),
+        groups.append(ChannelGroup(_group_id(members, leaf), leaf.size, _unit_kind(members, leaf, mem, gm,
+                                                                     leaf.uid in normalised),
                                    mem, not leaf.inexact, list(leaf.inexact), leaf))
     groups.sort(key=lambda g: (order.get(g.members[0].name, 1 << 30), g.members[0].dim, g.id))
     return groups, frozen
@@ -312,8 +319,11 @@ def _group_id(members, leaf: Axis) -> str:
     return f"{base}.{ls.index(leaf)}"
 
 
-def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> str:
-    """A label for people: heads and head-dims are the factors of a product in a weight dim.
+def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule,
+               normalised: bool) -> str:
+    """A label for people: heads and head-dims are the factors of a product in a weight dim;
+    a width of matrices that a norm or mean reduces over is ``"hidden"`` (a transformer's model
+    width, under its RMSNorm / LayerNorm), other widths of matrices are ``"neuron"``.
 
     In a product that splits a weight dim into heads (``kv heads x query heads per kv head x
     head dim`` in grouped-query attention, ``heads x head dim`` elsewhere) every factor but the
@@ -331,7 +341,9 @@ def _unit_kind(members, leaf: Axis, mem: list[Member], gm: fx.GraphModule) -> st
         if kind is not None:
             return kind
     for _, m in weights:
-        return "channel" if _ndim(gm, m.name) > 2 else "neuron"
+        if _ndim(gm, m.name) > 2:
+            return "channel"
+        return "hidden" if normalised else "neuron"
     return "channel"
 
 
@@ -355,3 +367,29 @@ def _factor_kind(t: Term, leaf: Axis) -> str | None:
 
 def _ndim(gm: fx.GraphModule, name: str) -> int:
     return get_tensor(gm, name).dim()
+
+
+def include_predicate(graph: "DependencyGraph", include: Any, error: type[Exception] = ValueError
+                      ) -> Callable[[ChannelGroup], bool]:
+    """``include`` (None, a predicate, or group ids and/or unit kinds of :data:`UNIT_KINDS`) as
+    a predicate on groups; an unknown name raises ``error``, naming it.
+
+    Examples
+    --------
+    >>> import torch, etp_fx
+    >>> from etp_fx.graph.depgraph import include_predicate
+    >>> g = etp_fx.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+    ...                  torch.randn(2, 4))
+    >>> [grp.id for grp in g.groups if include_predicate(g, "neuron")(grp)]
+    ['0.weight[0]']
+    """
+    if include is None:
+        return lambda g: True
+    if callable(include):
+        return include
+    wanted = {include} if isinstance(include, str) else set(include)
+    unknown = wanted - {g.id for g in graph.groups} - set(UNIT_KINDS)
+    if unknown:
+        raise error(f"include: unknown group ids or unit kinds {sorted(unknown)[:3]} (kinds: "
+                    f"{', '.join(UNIT_KINDS)}); see graph.summary()")
+    return lambda g: g.id in wanted or g.unit_kind in wanted

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import RegulariserError
+from ..errors import RegulariserError, SelectionError
 from ..graph.signature import check_model_matches
 from .units import UnitSet, unit_sets_from_graph, unwrap
 
@@ -354,4 +354,11 @@ def unit_norms(graph, model: torch.nn.Module, *, norm: Any = "l2", units: str = 
     if not sets:
         return {}
     un = UnitNorms(sets, dict(graph.signature))
-    return un.arrays(un.read(model, norm_order(norm)))
+    params = un.parameters(model)
+    meta = next((n for n, p in zip(un.names, params) if p.is_meta), None)
+    if meta is not None:  # no values to rank (a model built on the meta device to plan)
+        raise SelectionError(
+            f"parameter {meta!r} is on the meta device: a norm-based selection ranks units by "
+            f"their weights' norms, which a meta tensor does not hold. Load real weights, or "
+            f"name the units to remove with an etp_fx.Plan({{group id: [unit indices]}})")
+    return un.arrays(un.read(params, norm_order(norm)))

@@ -43,7 +43,8 @@ class Selection:
     min_keep : int
         Units every group keeps (at least 1).
     include : str or list of str, optional
-        Unit kinds to select from (``"channel"``, ``"neuron"``, ``"head"``, ``"head-dim"``).
+        Unit kinds to select from (``"channel"``, ``"neuron"``, ``"hidden"``, ``"head"``,
+        ``"head-dim"``).
     norm : {"l2", "l1", "linf"}
         The norm that ranks units.
     units : {"group", "producer"}

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import RegulariserError
+from ..graph.depgraph import include_predicate
 
 __all__ = ["UnitSet", "parameter_aliases", "unit_sets_from_graph", "paper_unit_sets", "unwrap"]
 
@@ -58,17 +59,8 @@ def unit_sets_from_graph(graph, *, units: str = "group", include: Any = None,
         raise RegulariserError(f"units must be 'group' or 'producer', got {units!r}")
     groups = list(graph.groups)
     if include is not None:
-        if callable(include):
-            groups = [g for g in groups if include(g)]
-        else:
-            wanted = {include} if isinstance(include, str) else set(include)
-            known = {g.id for g in groups} | {g.unit_kind for g in groups} | {
-                "channel", "neuron", "head", "head-dim"}
-            unknown = wanted - known
-            if unknown:
-                raise RegulariserError(f"include: unknown group ids or unit kinds "
-                                       f"{sorted(unknown)[:3]}; see graph.summary()")
-            groups = [g for g in groups if g.id in wanted or g.unit_kind in wanted]
+        keep = include_predicate(graph, include, RegulariserError)
+        groups = [g for g in groups if keep(g)]
     out = []
     alias = parameter_aliases(graph)
     for g in groups:

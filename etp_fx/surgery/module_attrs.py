@@ -18,6 +18,7 @@ import torch
 from ..errors import ModuleOutputError
 from ..graph.depgraph import DependencyGraph
 from ..graph.layout import Cat, Prod, leaves, new_size, resolve
+from ..graph.reductions import reduced_leaves
 from ..graph.tensors import set_tensor
 
 __all__ = ["minor_factor_groups", "reduced_groups", "inexpressible_groups", "conv_groups",
@@ -80,32 +81,6 @@ def minor_factor_groups(graph: DependencyGraph) -> dict[str, str]:
     return out
 
 
-#: ops that divide by (or compare with) the count of the dims they reduce: a module keeps
-#: computing them over its own width, so removing zeroed units there changes the result
-_COUNTING = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
-             "native_group_norm", "mean", "var", "std", "var_mean", "std_mean", "softmax",
-             "_softmax", "_safe_softmax", "log_softmax", "_log_softmax", "amax", "amin",
-             "logsumexp"}
-
-
-def _reduced_dims(node) -> list[int]:
-    """The dims of ``node.args[0]`` a counting op reduces over (empty for other ops)."""
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    x = node.args[0] if node.args else None
-    val = getattr(x, "meta", {}).get("val")
-    if name not in _COUNTING or not isinstance(val, torch.Tensor):
-        return []
-    nd = val.dim()
-    if name in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"):
-        return list(range(nd - len(node.args[1]), nd))
-    if name in ("group_norm", "native_group_norm"):
-        return [1]
-    dims = node.args[1] if len(node.args) > 1 else None
-    if dims is None or dims == []:
-        return list(range(nd))
-    return [int(d) % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-
-
 def reduced_groups(graph: DependencyGraph) -> dict[str, str]:
     """Groups that a mean, variance, norm, softmax or max reduces over: ``{group id: why}``.
 
@@ -114,19 +89,11 @@ def reduced_groups(graph: DependencyGraph) -> dict[str, str]:
     ``output="graph"`` can remove these units (for instance the hidden width)."""
     uid_to_id = {g.uid: g.id for g in graph.groups}
     out: dict[str, str] = {}
-    for n in graph.module.graph.nodes:
-        if n.op != "call_function":
-            continue
-        dims = _reduced_dims(n)
-        terms = n.args[0].meta.get("etp_dims") if dims else None
-        if not isinstance(terms, list):
-            continue
-        for d in dims:
-            for leaf in leaves(terms[d]):
-                gid = uid_to_id.get(leaf.uid)
-                if gid is not None and gid not in out:
-                    out[gid] = (f"{n.name} ({getattr(n.target, '__name__', n.target)}) reduces "
-                                f"over its units, and a module would divide by the new width")
+    for leaf, n in reduced_leaves(graph.module):
+        gid = uid_to_id.get(leaf.uid)
+        if gid is not None and gid not in out:
+            out[gid] = (f"{n.name} ({getattr(n.target, '__name__', n.target)}) reduces "
+                        f"over its units, and a module would divide by the new width")
     return out
 
 

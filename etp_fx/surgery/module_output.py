@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 
 from ..capture import describe_inputs, eval_mode, normalize_inputs, untouched
 from ..errors import ModuleOutputError, PlanError, SelectionError, VerificationError
-from ..graph.depgraph import DependencyGraph
+from ..graph.depgraph import DependencyGraph, include_predicate
 from ..graph.plan import kept_units
 from ..graph.signature import check_model_matches
 from ..graph.trace import trace_args
@@ -69,7 +69,10 @@ def compress_module(model: torch.nn.Module, example_inputs: Any,
     Returns
     -------
     nn.Module
-        ``type(result) is type(model)``; ``model`` is not modified. ``result.etp_report``
+        ``type(result) is type(model)``; ``model`` is left as it was: while the references
+        run, the removed slices are zeroed in ``model`` itself and then restored bit for bit
+        (checked), so do not use ``model`` from another thread during the call (this keeps
+        the peak memory under two models). ``result.etp_report``
         holds params and MACs before and after, each changed group, ``"modules"`` (every
         changed size attribute, ``{module: {attr: [old, new]}}``), ``"tensors"`` (every changed
         parameter or buffer shape), ``"folds"``, ``"verified"`` (one record per check, as the
@@ -199,7 +202,7 @@ def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selec
             raise ModuleOutputError(f"group {hit[0]!r}: {bad[hit[0]]}. Leave it out of the plan, "
                                     f"or use output='graph' (etp_fx.compress)")
     else:
-        wanted = _include_predicate(graph, selection.include)
+        wanted = include_predicate(graph, selection.include, SelectionError)
         narrowed = dataclasses.replace(selection, include=lambda g: g.id not in bad and wanted(g))
         plan = narrowed.select(graph, model, allow_approximate=allow_approximate)
     approximate = [g for g in plan if not graph[g].exact]
@@ -207,21 +210,6 @@ def module_plan(graph: DependencyGraph, model: torch.nn.Module, selection: Selec
         raise PlanError(f"removing units of {approximate[:3]} is approximate; pass "
                         f"allow_approximate=True to accept that")
     return plan
-
-
-def _include_predicate(graph: DependencyGraph, include: Any) -> Callable[[Any], bool]:
-    """A selection's ``include`` (None, a predicate, group ids and/or unit kinds) as a
-    predicate; unknown names are refused as the selection itself would."""
-    if include is None:
-        return lambda g: True
-    if callable(include):
-        return include
-    wanted = {include} if isinstance(include, str) else set(include)
-    known = {g.id for g in graph.groups} | {"channel", "neuron", "head", "head-dim"}
-    if wanted - known:
-        raise SelectionError(f"include: unknown group ids or unit kinds "
-                             f"{sorted(wanted - known)[:3]}; see graph.summary()")
-    return lambda g: g.id in wanted or g.unit_kind in wanted
 
 
 def _shrink(small: torch.nn.Module, model: torch.nn.Module,
