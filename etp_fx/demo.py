@@ -103,11 +103,16 @@ def evaluate(model: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, reg: Any = None,
           lr: float = 0.05, batch_size: int = 64, seed: int = 0, history: Any = None,
           progress: bool = True, clip: float | None = None) -> nn.Module:
-    """SGD with momentum and a cosine schedule; ``reg(model)`` is added to the loss."""
+    """SGD with momentum and a cosine schedule. A target-driven ``reg`` is attached to the
+    optimiser (a proximal step after each ``opt.step()``, the recommended form); a fixed
+    strength's ``reg(model)`` is added to the loss."""
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    attached = reg is not None and getattr(reg, "target", None) is not None
+    if attached:
+        reg.attach(opt, model)
     bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -115,7 +120,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, re
         for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            penalty = reg(model, loss=loss) if reg is not None else torch.zeros(())
+            if attached:
+                reg.observe(loss)
+            penalty = reg(model, loss=loss) if reg is not None and not attached \
+                else torch.zeros(())
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()
             opt.step()
@@ -126,12 +134,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, re
                     p.masked_fill_(p.abs() < clip, 0.0)
         if history is not None:
             history.record(model, epoch)
-        post = {"loss": f"{loss.item():.3f}", "penalty": f"{float(penalty.detach()):.3g}"}
+        post = {"loss": f"{loss.item():.3f}"}
+        if not attached:
+            post["penalty"] = f"{float(penalty.detach()):.3g}"
         if reg is not None and hasattr(reg, "near_zero"):
             post["near-zero units"] = reg.near_zero(model)
         if getattr(reg, "left", None) is not None:  # the target drives the strength
             post["strength"], post["mass left"] = f"{reg.strength:.3g}", f"{reg.left:.1%}"
         bar.set_postfix(post)
+    if attached:
+        reg.detach()
     model.eval()
     return model
 
