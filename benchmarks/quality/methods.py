@@ -48,8 +48,10 @@ ALL_METHODS = OURS + TORCH_PRUNING
 #: methods whose regulariser aims at the target: trained once per target
 PER_TARGET = ("etp", "torque", "greg")
 REG_FORMS = ("loss", "decoupled")
-#: how ``etp`` / ``torque`` apply their regulariser (the lead chooses; ``--reg-form``)
-REG_FORM = "loss"
+#: how ``etp`` / ``torque`` apply their regulariser (``--reg-form``): the library's recommended
+#: form. Measured on two seeds of resnet-digits, the loss term reached 49.9 % at 4x and 27.5 %
+#: at 8x after fine-tuning where the decoupled update reached 97.9 % and 86.0 %
+REG_FORM = "decoupled"
 #: DepGraph group-norm strength: torch-pruning's example value, the same on every task
 GROUPNORM_REG = 5e-4
 
