@@ -2,6 +2,7 @@
 import contextlib
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,4 +29,15 @@ def run_two_ranks(worker, out: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_then_exit, args=(worker, 2, port, out), nprocs=2, join=True)
+
+
+def _then_exit(rank: int, worker, world: int, port: int, out: str) -> None:
+    """Run the worker; once it has returned (its results written, the group left), end the
+    process at once. The interpreter's own teardown can meet gloo's background threads and
+    abort ("terminate called without an active exception": seen once in CI after both ranks
+    had finished); a failure inside the worker still raises and fails the test."""
+    worker(rank, world, port, out)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
