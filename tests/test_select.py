@@ -8,6 +8,7 @@ import torch.nn as nn
 import etp_fx
 from etp_fx import select
 from etp_fx import SelectionError
+from etp_fx.regularise.controller import keep_counts
 
 
 class Net(nn.Module):
@@ -259,3 +260,27 @@ def test_uniform_applies_to_compress_and_is_refused_for_a_plan():
     with pytest.raises(SelectionError, match="uniform must be True or False"):
         etp_fx.Ratio(0.3, uniform="yes")
     assert etp_fx.Plan({"0.0.weight[0]": [0]}).uniform is False
+
+
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_budget_by_group_share_keeps_one_share_of_every_group(net, kind):
+    """scope="group": every group keeps ceil(w * n) units for the largest w that meets the
+    budget, and drops its weakest units; the target-driven regulariser puts its knee at
+    exactly these widths, so what it drives to zero is what compress removes."""
+    m, g = net
+    fn = g.cost.macs if kind == "macs" else g.cost.params
+    b = etp_fx.Budget(**{kind: 0.3}, scope="group")
+    plan = b.select(g, m)
+    widths = {gid: g[gid].size - len(plan.get(gid, [])) for gid in (x.id for x in g.groups)}
+    assert fn(widths) <= 0.3 * fn()
+    shares = [w / g[gid].size for gid, w in widths.items()]
+    assert max(shares) - min(shares) < 1 / 16 + 1e-9  # one share, up to rounding (16 units)
+    assert any(fn({**widths, gid: w + 1}) > 0.3 * fn() for gid, w in widths.items())
+    norms = select.unit_norms(g, m)
+    for gid, drop in plan.items():  # the weakest of each group go
+        kept = np.setdiff1d(np.arange(g[gid].size), drop)
+        assert norms[gid][drop].max() <= norms[gid][kept].min()
+    sizes = {x.id: x.size for x in g.groups}
+    assert keep_counts(g, b, sizes) == widths
+    with pytest.raises(SelectionError, match="scope must be 'group' or 'global'"):
+        etp_fx.Budget(macs=0.3, scope="layer")

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import RegulariserError
+from .select import share_widths
 from .selection import Budget, Plan, Ratio, Selection, Threshold, selection_from
 
 __all__ = ["StrengthController", "ControlState", "target_selection", "removal_share",
@@ -97,9 +98,6 @@ def keep_counts(graph, selection: Selection, sizes: Mapping[str, int]) -> dict[s
     ``w`` (every group keeping ``ceil(w * n)`` units, at least ``min_keep``, rounded up to
     ``round_to``) whose MACs or params, from the graph's cost model, meet the budget; groups
     outside ``sizes`` keep their width."""
-    def widths(share: float) -> dict[str, int]:
-        return {g: _width(n, math.ceil(share * n - 1e-9), selection) for g, n in sizes.items()}
-
     if isinstance(selection, Ratio):
         return {g: _width(n, n - math.floor(selection.ratio * n), selection)
                 for g, n in sizes.items()}
@@ -107,14 +105,8 @@ def keep_counts(graph, selection: Selection, sizes: Mapping[str, int]) -> dict[s
         raise RegulariserError(f"keep counts need a Budget or a Ratio, got "
                                f"{type(selection).__name__}")
     cost = graph.cost.macs if selection.kind == "macs" else graph.cost.params
-    budget = selection.share * cost()
-    lo, hi = 0.0, 1.0
-    if cost(widths(lo)) > budget:
-        return widths(lo)  # out of reach: as small as min_keep allows
-    for _ in range(40):  # the largest share that meets the budget
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(widths(mid)) <= budget else (lo, mid)
-    return widths(lo)
+    return share_widths(cost, selection.share * cost(), sizes, selection.round_to,
+                        selection.min_keep)
 
 
 def _width(n: int, keep: int, selection: Selection) -> int:

@@ -25,7 +25,7 @@ import torch
 from ..errors import SelectionError
 from .norms import unit_norms
 
-__all__ = ["unit_norms", "by_threshold", "by_ratio", "by_budget",
+__all__ = ["share_widths", "unit_norms", "by_threshold", "by_ratio", "by_budget",
            "check_share", "check_ratio", "check_threshold", "check_scope", "check_normalize"]
 
 
@@ -207,18 +207,44 @@ def _keep_after(prefix: Sequence[tuple[str, int]], norms, round_to, min_keep) ->
             for gid, n in norms.items()}
 
 
+def share_widths(fn, budget: float, sizes: Mapping[str, int], round_to: int | None,
+                 min_keep: int) -> dict[str, int]:
+    """The widths when every group keeps the same share ``w`` of its units (``ceil(w * n)``,
+    at least ``min_keep``, rounded up to ``round_to``): the largest ``w`` whose cost ``fn``
+    (the cost model's MACs or params of those widths) meets ``budget`` (bisection), or the
+    smallest widths when none does."""
+    def widths(w: float) -> dict[str, int]:
+        return {g: _rounded(math.ceil(w * n - 1e-9), n, round_to, min_keep)
+                for g, n in sizes.items()}
+
+    lo, hi = 0.0, 1.0
+    if fn(widths(lo)) > budget:
+        return widths(lo)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fn(widths(mid)) <= budget else (lo, mid)
+    return widths(lo)
+
+
 def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None = None,
               params: float | None = None, normalize: str | None = "mean",
               norms: Mapping[str, Any] | None = None, norm: Any = "l2", units: str = "group",
               round_to: int | None = None, min_keep: int = 1, include: Any = None,
-              allow_approximate: bool = False) -> dict[str, list[int]]:
+              allow_approximate: bool = False, scope: str = "global") -> dict[str, list[int]]:
     """Remove the fewest units that bring MACs (or params) down to the budget.
 
-    ``macs`` / ``params``: the share of the dense model to keep, in (0, 1]. Units are ranked globally by (normalised) norm per unit of cost,
-    the cost of a unit being the drop in MACs (params) when its group loses one unit, from the
-    sympy cost model. The shortest prefix of that ranking that meets the budget (after
-    ``round_to``) is removed; a binary search over the prefix length evaluates the cost model
-    exactly, so interactions between groups (a conv's MACs are in-width x out-width) count."""
+    ``macs`` / ``params``: the share of the dense model to keep, in (0, 1].
+    ``scope="global"``: units are ranked together by (normalised) norm per unit of cost, the
+    cost of a unit being the drop in MACs (params) when its group loses one unit, from the
+    sympy cost model; the shortest prefix of that ranking that meets the budget (after
+    ``round_to``) is removed (a binary search over the prefix length evaluates the cost model
+    exactly, so interactions between groups, a conv's in-width x out-width, count).
+    ``scope="group"``: every group keeps the same share of its width, the largest share that
+    meets the budget (:func:`share_widths`), and loses its weakest units."""
+    check_scope(scope)
+    if scope == "group":
+        return _by_share(graph, model, macs, params, norms, norm, units, round_to, min_keep,
+                         include, allow_approximate)
     if (macs is None) == (params is None):
         raise SelectionError("give exactly one of macs= or params=")
     kind, target = ("macs", macs) if macs is not None else ("params", params)
@@ -255,3 +281,22 @@ def by_budget(graph, model: torch.nn.Module | None = None, *, macs: float | None
         else:
             lo = mid + 1
     return _plan_from_keep(norms, _keep_after(order[:lo], norms, round_to, min_keep))
+
+
+def _by_share(graph, model, macs, params, norms, norm, units, round_to, min_keep, include,
+              allow_approximate) -> dict[str, list[int]]:
+    """:func:`by_budget` with ``scope="group"``."""
+    if (macs is None) == (params is None):
+        raise SelectionError("give exactly one of macs= or params=")
+    kind, target = ("macs", macs) if macs is not None else ("params", params)
+    check_share(kind, target)
+    fn = graph.cost.macs if kind == "macs" else graph.cost.params
+    norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
+    keep = share_widths(fn, target * fn(), {g: len(n) for g, n in norms.items()}, round_to,
+                        min_keep)
+    if fn(keep) > target * fn():
+        raise SelectionError(
+            f"{kind} budget {target:.1%} of the dense model is out of reach with every group "
+            f"keeping the same share (keeping {min_keep} per group leaves "
+            f"{fn(keep) / fn():.1%}); try scope='global'")
+    return _plan_from_keep(norms, keep)

@@ -107,12 +107,15 @@ class Selection:
 
 @dataclass(frozen=True)
 class Budget(Selection):
-    """Remove the weakest units (by norm per unit of cost) until MACs or params fall to a share
-    ``macs`` or ``params`` of the dense model, in (0, 1]. Exactly one of the two."""
+    """Remove the weakest units until MACs or params fall to a share ``macs`` or ``params`` of
+    the dense model, in (0, 1]. Exactly one of the two. ``scope="global"`` (default): units
+    ranked together by norm per unit of cost; ``scope="group"``: every group keeps the same
+    share of its width (the largest that meets the budget) and loses its weakest units."""
 
     macs: float | None = None
     params: float | None = None
     normalize: str | None = field(default="mean", kw_only=True)
+    scope: str = field(default="global", kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +125,7 @@ class Budget(Selection):
                                  f"{given or 'none'}), e.g. Budget(macs=0.25)")
         select.check_share(given[0], getattr(self, given[0]))
         select.check_normalize(self.normalize)
+        select.check_scope(self.scope)
 
     @property
     def kind(self) -> str:
@@ -135,7 +139,7 @@ class Budget(Selection):
 
     def _plan(self, graph, model, norms, allow_approximate):
         return select.by_budget(graph, model, macs=self.macs, params=self.params,
-                                normalize=self.normalize, norms=norms,
+                                normalize=self.normalize, norms=norms, scope=self.scope,
                                 allow_approximate=allow_approximate, **self._common())
 
 
@@ -210,7 +214,7 @@ def selection_from(selection: Selection | None = None, *, remove: Any = None,
     Examples
     --------
     >>> selection_from(target_macs=0.25)
-    Budget(round_to=None, min_keep=1, include=None, norm='l2', units='group', uniform=False, macs=0.25, params=None, normalize='mean')
+    Budget(round_to=None, min_keep=1, include=None, norm='l2', units='group', uniform=False, macs=0.25, params=None, normalize='mean', scope='global')
     >>> selection_from(ratio=0.5, scope="global").scope
     'global'
     """
