@@ -29,6 +29,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--targets", nargs="+", type=float, default=None,
                    help="MACs speed-ups (default 4 8)")
+    p.add_argument("--budget-scope", choices=("global", "group"), default=None,
+                   help="how our methods' Budget spreads the removal (default: "
+                        "methods.BUDGET_SCOPE)")
     p.add_argument("--reg-form", choices=("loss", "decoupled"), default=None,
                    help="how etp/torque apply the regulariser (default: methods.REG_FORM)")
     p.add_argument("--sweep", action="store_true",
@@ -67,10 +70,12 @@ def record_meta(out: str, a: argparse.Namespace, budget, names: list[str], secon
     with runner.locked(os.path.join(out, "runs.json")):
         meta = runner.read_json(path)
         meta.update(quick=a.quick, budget=budget.__dict__, threads=a.threads,
-                    reg_form=methods.REG_FORM, torch=torch.__version__)
+                    reg_form=methods.REG_FORM, budget_scope=methods.BUDGET_SCOPE,
+                    torch=torch.__version__)
         meta.setdefault("invocations", []).append(
             dict(tasks=names, methods=a.methods, seeds=list(budget.seeds), threads=a.threads,
-                 reg_form=methods.REG_FORM, wall_seconds=round(seconds, 1),
+                 reg_form=methods.REG_FORM, budget_scope=methods.BUDGET_SCOPE,
+                 wall_seconds=round(seconds, 1),
                  finished=time.strftime("%Y-%m-%d %H:%M:%S")))
         runner.write_json(path, meta)
     return meta
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import methods, report, runner, tasks
     if a.reg_form:
         methods.REG_FORM = a.reg_form
+    if a.budget_scope:
+        methods.BUDGET_SCOPE = a.budget_scope
     budget = budget_of(a)
     os.makedirs(a.out, exist_ok=True)
     store = runner.Store(os.path.join(a.out, "runs.json"))

@@ -52,6 +52,9 @@ REG_FORMS = ("loss", "decoupled")
 #: form. Measured on two seeds of resnet-digits, the loss term reached 49.9 % at 4x and 27.5 %
 #: at 8x after fine-tuning where the decoupled update reached 97.9 % and 86.0 %
 REG_FORM = "decoupled"
+#: how our methods' Budget spreads the removal (``--budget-scope``): ``"group"``, every group
+#: keeps the same share, where the target-driven regulariser puts its knee
+BUDGET_SCOPE = "group"
 #: DepGraph group-norm strength: torch-pruning's example value, the same on every task
 GROUPNORM_REG = 5e-4
 
@@ -119,7 +122,7 @@ def selection_for(graph, model: nn.Module, task, target: float,
                   units: str = "group") -> etp_fx.Budget:
     """The one ``Budget`` a target means: what the regulariser aims at and what pruning uses."""
     return etp_fx.Budget(macs=1.0 / target, include=prunable_groups(graph, model, task),
-                         units=units)
+                         units=units, scope=BUDGET_SCOPE)
 
 
 def make_trainer(name: str, model: nn.Module, graph, task, *, selection=None,
