@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import RegulariserError
-from .select import share_widths
+from .select import kept_width, share_widths
 from .selection import Budget, Plan, Ratio, Selection, Threshold, selection_from
 
 __all__ = ["StrengthController", "ControlState", "target_selection", "removal_share",
@@ -99,22 +99,14 @@ def keep_counts(graph, selection: Selection, sizes: Mapping[str, int]) -> dict[s
     ``round_to``) whose MACs or params, from the graph's cost model, meet the budget; groups
     outside ``sizes`` keep their width."""
     if isinstance(selection, Ratio):
-        return {g: _width(n, n - math.floor(selection.ratio * n), selection)
-                for g, n in sizes.items()}
+        return {g: kept_width(n - math.floor(selection.ratio * n), n, selection.round_to,
+                              selection.min_keep) for g, n in sizes.items()}
     if not isinstance(selection, Budget):
         raise RegulariserError(f"keep counts need a Budget or a Ratio, got "
                                f"{type(selection).__name__}")
     cost = graph.cost.macs if selection.kind == "macs" else graph.cost.params
     return share_widths(cost, selection.share * cost(), sizes, selection.round_to,
                         selection.min_keep)
-
-
-def _width(n: int, keep: int, selection: Selection) -> int:
-    keep = max(min(n, keep), min(n, selection.min_keep))
-    r = selection.round_to
-    if r and r > 1:
-        keep = min(n, int(math.ceil(keep / r) * r))
-    return keep
 
 
 def removal_share(graph, selection: Selection, norms: Mapping[str, np.ndarray],

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import RegulariserError
-from .norms import Sharding, UnitNorms, local_shards, sqrt0
+from .norms import Sharding, UnitNorms, local_shards
 
 __all__ = ["optimiser_groups", "group_lrs", "initial_lr", "soft_threshold", "group_shrink",
            "proximal_step", "most_rate", "DECOUPLED_START_RATE", "DECOUPLED_MOST_RATE"]
@@ -105,10 +105,8 @@ def group_shrink(norms: UnitNorms, params: Sequence[torch.Tensor], unit_coef: to
     """``w *= max(0, 1 - factor * sum_u c_u / N_u)`` in place (L2 units; ``N_u`` read across
     the FSDP2 shards when ``sharding`` is given): the group soft-threshold, whose first-order
     step is the loss-term form's SGD step."""
-    n = sqrt0(norms.scatter(norms.slot_vector(params, 2, sharding), 2))
-    scale = torch.where(n > 0, unit_coef / n.clamp_min(1e-30), torch.zeros_like(n))
-    per_param = norms.localise(norms.broadcast(norms.slot_coefficients(scale)), sharding)
-    for w, c, f in zip(params, per_param, factors):
+    _, scale = norms.l2_scale(params, unit_coef, sharding)
+    for w, c, f in zip(params, norms.per_parameter(scale, sharding), factors):
         if f == 0:
             continue
         w.mul_((1 - c * f).clamp_min_(0).to(w.dtype))

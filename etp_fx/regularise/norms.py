@@ -301,6 +301,22 @@ class UnitNorms:
             out.append(c)
         return out
 
+    def per_parameter(self, unit_coef: torch.Tensor, sharding: Sharding | None = None
+                      ) -> list[torch.Tensor]:
+        """Per-unit coefficients -> each parameter's broadcastable coefficient (the sum over
+        the units each element feeds), cut to this rank's shard."""
+        return self.localise(self.broadcast(self.slot_coefficients(unit_coef)), sharding)
+
+    @torch.no_grad()
+    def l2_scale(self, params: Sequence[torch.Tensor], unit_coef: torch.Tensor,
+                 sharding: Sharding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every unit's L2 norm ``N_u`` (reduced across shards) and ``c_u / N_u`` (0 where
+        ``N_u = 0``): ``d(c_u N_u)/dw = w * c_u / N_u``, the L2 penalty's gradient and its
+        group soft-threshold's scale."""
+        u = sqrt0(self.scatter(self.slot_vector(params, 2, sharding), 2))
+        scale = torch.where(u > 0, unit_coef / u.clamp_min(1e-30), torch.zeros_like(u))
+        return u, scale
+
     def split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """All units' values -> ``{unit set id: its units' values}`` (views)."""
         return {s.id: u[self.offsets[s.id]: self.offsets[s.id] + s.size] for s in self.unit_sets}

@@ -25,7 +25,7 @@ import torch
 from ..errors import SelectionError
 from .norms import unit_norms
 
-__all__ = ["share_widths", "unit_norms", "by_threshold", "by_ratio", "by_budget",
+__all__ = ["kept_width", "share_widths", "unit_norms", "by_threshold", "by_ratio", "by_budget",
            "check_share", "check_ratio", "check_threshold", "check_scope", "check_normalize"]
 
 
@@ -84,7 +84,9 @@ def _groups(graph, norms: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rounded(keep: int, size: int, round_to: int | None, min_keep: int) -> int:
+def kept_width(keep: int, size: int, round_to: int | None, min_keep: int) -> int:
+    """``keep`` units of a group of ``size``, at least ``min_keep``, rounded up to a multiple
+    of ``round_to`` (the whole group when that would exceed it)."""
     keep = max(min(size, keep), min(size, min_keep))
     if round_to and round_to > 1:
         up = int(math.ceil(keep / round_to) * round_to)
@@ -138,7 +140,7 @@ def by_threshold(graph, model: torch.nn.Module | None = None, threshold: float =
     keep = {}
     for gid, n in norms.items():
         t = threshold * n.max() if relative else threshold
-        keep[gid] = _rounded(int((n > t).sum()), len(n), round_to, min_keep)
+        keep[gid] = kept_width(int((n > t).sum()), len(n), round_to, min_keep)
     return _plan_from_keep(norms, keep)
 
 
@@ -170,7 +172,7 @@ def by_ratio(graph, model: torch.nn.Module | None = None, ratio: float = 0.5, *,
     check_normalize(normalize)
     norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
     if scope == "group":
-        keep = {gid: _rounded(len(n) - int(math.floor(ratio * len(n))), len(n), round_to,
+        keep = {gid: kept_width(len(n) - int(math.floor(ratio * len(n))), len(n), round_to,
                               min_keep) for gid, n in norms.items()}
         return _plan_from_keep(norms, keep)
     scores = _scores(norms, normalize)
@@ -203,7 +205,7 @@ def _keep_after(prefix: Sequence[tuple[str, int]], norms, round_to, min_keep) ->
     drop: dict[str, int] = {}
     for gid, _ in prefix:
         drop[gid] = drop.get(gid, 0) + 1
-    return {gid: _rounded(len(n) - drop.get(gid, 0), len(n), round_to, min_keep)
+    return {gid: kept_width(len(n) - drop.get(gid, 0), len(n), round_to, min_keep)
             for gid, n in norms.items()}
 
 
@@ -214,7 +216,7 @@ def share_widths(fn, budget: float, sizes: Mapping[str, int], round_to: int | No
     (the cost model's MACs or params of those widths) meets ``budget`` (bisection), or the
     smallest widths when none does."""
     def widths(w: float) -> dict[str, int]:
-        return {g: _rounded(math.ceil(w * n - 1e-9), n, round_to, min_keep)
+        return {g: kept_width(math.ceil(w * n - 1e-9), n, round_to, min_keep)
                 for g, n in sizes.items()}
 
     lo, hi = 0.0, 1.0
@@ -292,11 +294,13 @@ def _by_share(graph, model, macs, params, norms, norm, units, round_to, min_keep
     check_share(kind, target)
     fn = graph.cost.macs if kind == "macs" else graph.cost.params
     norms = _resolve(graph, model, norms, norm, units, include, allow_approximate)
-    keep = share_widths(fn, target * fn(), {g: len(n) for g, n in norms.items()}, round_to,
+    dense = fn()
+    keep = share_widths(fn, target * dense, {g: len(n) for g, n in norms.items()}, round_to,
                         min_keep)
-    if fn(keep) > target * fn():
+    left = fn(keep)
+    if left > target * dense:
         raise SelectionError(
             f"{kind} budget {target:.1%} of the dense model is out of reach with every group "
             f"keeping the same share (keeping {min_keep} per group leaves "
-            f"{fn(keep) / fn():.1%}); try scope='global'")
+            f"{left / dense:.1%}); try scope='global'")
     return _plan_from_keep(norms, keep)

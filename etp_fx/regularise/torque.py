@@ -39,7 +39,7 @@ from ..graph.signature import check_model_matches
 from .controller import StrengthController, keep_counts, removal_share, target_selection
 from .decoupled import DECOUPLED_START_RATE, group_lrs, initial_lr, most_rate, \
     optimiser_groups, proximal_step
-from .norms import Sharding, UnitNorms, local_shards, norm_order, sqrt0, swaps_parameters
+from .norms import Sharding, UnitNorms, local_shards, norm_order, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
 from ..graph.distance import check_pivots, group_distances, multi_source_distances, \
@@ -62,15 +62,12 @@ class _Penalty(torch.autograd.Function):
                 coef_bcast: list[torch.Tensor] | None, sharding: Sharding | None,
                 *params: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            r = norms.slot_vector(params, ord, sharding)
             if ord == 1:  # coef: per slot position
-                pen = torch.dot(r, coef)
+                pen = torch.dot(norms.slot_vector(params, 1, sharding), coef)
                 scale = None
             else:
-                u = sqrt0(norms.scatter(r, 2))
+                u, scale = norms.l2_scale(params, coef, sharding)  # d N_u / d w = w / N_u
                 pen = torch.dot(u, coef)
-                scale = coef / u  # d N_u / d w = w / N_u
-                scale = torch.where(u > 0, scale, torch.zeros_like(scale))
         ctx.norms, ctx.ord, ctx.coef_bcast, ctx.scale = norms, ord, coef_bcast, scale
         ctx.sharding = sharding
         ctx.save_for_backward(*params)
@@ -81,11 +78,11 @@ class _Penalty(torch.autograd.Function):
         params = ctx.saved_tensors
         norms = ctx.norms
         if ctx.ord == 1:
-            cb = ctx.coef_bcast
+            cb = norms.localise(ctx.coef_bcast, ctx.sharding)
         else:
-            cb = norms.broadcast(norms.slot_coefficients(ctx.scale))
+            cb = norms.per_parameter(ctx.scale, ctx.sharding)
         grads = []
-        for i, (w, c) in enumerate(zip(params, norms.localise(cb, ctx.sharding))):
+        for i, (w, c) in enumerate(zip(params, cb)):
             if not ctx.needs_input_grad[5 + i]:
                 grads.append(None)
                 continue
@@ -351,8 +348,7 @@ class _TorqueBase:
         params = self._params(model)
         if loss is not None:
             self.observe(loss)
-        self._advance(params)
-        if self.every > 1 and (self.calls - 1) % self.every:
+        if not self._counted_step(params):
             return torch.zeros((), device=params[0].device)
         pen = self.penalty(params)
         self.last_value = pen.detach()
@@ -366,6 +362,12 @@ class _TorqueBase:
         return pen * self.every if self.every > 1 else pen
 
     # -- the target-driven strength
+    def _counted_step(self, params: Sequence[torch.Tensor]) -> bool:
+        """Count one training step (:meth:`_advance`); whether this step applies the penalty
+        (every step, or one in ``every``)."""
+        self._advance(params)
+        return self.every == 1 or (self.calls - 1) % self.every == 0
+
     def _advance(self, params: Sequence[torch.Tensor]) -> None:
         self.calls += 1
         if self.controller is not None and self.controller.due(self.calls):
@@ -449,8 +451,7 @@ class _TorqueBase:
             raise RegulariserError("the model this regulariser was attached with no longer "
                                    "exists: call reg.detach() or attach it to the new model")
         params = self._params(model)
-        self._advance(params)
-        if self.every > 1 and (self.calls - 1) % self.every:
+        if not self._counted_step(params):
             return
         self._proximal(params, [lr * self.every for lr in group_lrs(optimizer, groups)])
 

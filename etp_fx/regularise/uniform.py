@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..graph.depgraph import DependencyGraph
+from .select import kept_width
 
 __all__ = ["uniform_from_plan", "role_of"]
 
@@ -65,7 +66,7 @@ def uniform_from_plan(graph: DependencyGraph, norms: Mapping[str, Any],
         if len(gids) < 2:
             continue
         mean = sum(len(plan.get(gid, [])) for gid in gids) / len(gids)
-        keep = _rounded_keep(size - int(math.floor(mean + 0.5)), size, min_keep, round_to)
+        keep = kept_width(size - int(math.floor(mean + 0.5)), size, round_to, min_keep)
         for gid in gids:
             order = np.argsort(np.asarray(norms[gid], dtype=np.float64), kind="stable")
             drop = sorted(int(i) for i in order[: size - keep])
@@ -73,11 +74,3 @@ def uniform_from_plan(graph: DependencyGraph, norms: Mapping[str, Any],
             if drop:
                 out[gid] = drop
     return out
-
-
-def _rounded_keep(keep: int, size: int, min_keep: int, round_to: int | None) -> int:
-    keep = max(min(size, keep), min(size, min_keep))
-    if round_to and round_to > 1:
-        up = int(math.ceil(keep / round_to) * round_to)
-        keep = up if up <= size else size
-    return keep
