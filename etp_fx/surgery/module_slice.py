@@ -19,12 +19,11 @@ from ..errors import ModuleOutputError
 from ..graph.depgraph import DependencyGraph
 from ..graph.plan import kept_units
 from ..graph.rules.table import lookup
-from ..graph.tensors import get_tensor, set_tensor
+from ..graph.tensors import get_tensor
 from .fold import channel_constant, plan_folds
 from .rewrite import RewriteContext, slice_tensor
 
-__all__ = ["removed_positions", "slice_tensors", "sliced_copy", "bias_folds",
-           "add_fold_biases", "owner_of"]
+__all__ = ["removed_positions", "sliced_copy", "bias_folds", "add_fold_biases", "owner_of"]
 
 
 def owner_of(name: str) -> str:
@@ -85,28 +84,14 @@ def _slices(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]
     return out
 
 
-def slice_tensors(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
-                  ) -> dict[str, tuple[list[int], list[int]]]:
-    """Slice, in place, every tensor of ``model`` named in ``removed``; tied tensors stay tied
-    (one new tensor set under every name). Returns ``{name: (old shape, new shape)}``."""
-    changed = {}
-    for names, dims in _slices(model, removed):
-        old = get_tensor(model, names[0])
-        new = _sliced(old, dims)
-        for n in names:
-            set_tensor(model, n, new)
-            changed[n] = (list(old.shape), list(new.shape))
-    return changed
-
-
 def sliced_copy(model: torch.nn.Module, removed: Mapping[str, Mapping[int, list[int]]]
                 ) -> tuple[torch.nn.Module, dict[str, tuple[list[int], list[int]]]]:
     """A deep copy of ``model`` whose tensors named in ``removed`` are sliced, built without
     a full-size copy: each sliced tensor is made from the original and handed to
     ``copy.deepcopy`` in its memo, so the copy holds it wherever the original held the old
     one (tied names stay tied); every other tensor is copied as it is. ``model`` is not
-    modified. Returns the copy and ``{name: (old shape, new shape)}`` as
-    :func:`slice_tensors`."""
+    modified. Returns the copy and ``{name: (old shape, new shape)}`` for every sliced
+    name."""
     memo: dict[int, Any] = {}
     changed = {}
     for names, dims in _slices(model, removed):

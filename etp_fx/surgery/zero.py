@@ -127,19 +127,18 @@ def zeroed_in_place(model: torch.nn.Module, graph: DependencyGraph,
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     slices = [(n, params[n], d, i) for n, d, i in
               zeroed_slices(graph, plan, keep_constants, params)]
-    with torch.no_grad():
-        before = [fingerprint(p.index_select(d, i)) for _, p, d, i in slices]
-    saved: list[torch.Tensor] = []
+    with torch.no_grad():  # every slice saved before any is zeroed: all hold the originals
+        saved = [p.index_select(d, i) for _, p, d, i in slices]
+    before = [fingerprint(v) for v in saved]
     try:
         with torch.no_grad():
             for _, p, dim, idx in slices:
-                saved.append(p.index_select(dim, idx))
                 p.index_fill_(dim, idx, 0.0)
         versions = [_version_of(p) for _, p, _, _ in slices]
         yield model
         written = [n for (n, p, _, _), v in zip(slices, versions) if _version_of(p) != v]
     finally:
-        _restore(slices[:len(saved)], saved)
+        _restore(slices, saved)
     with torch.no_grad():
         differ = [n for (n, p, d, i), digest in zip(slices, before)
                   if fingerprint(p.index_select(d, i)) != digest]
@@ -160,8 +159,7 @@ def _version_of(t: torch.Tensor) -> int | None:
 
 def _restore(slices: list[tuple[str, torch.Tensor, int, torch.Tensor]],
              saved: list[torch.Tensor]) -> None:
-    """Put the saved values back, last saved first: where slices overlap, the first one
-    saved holds the original values."""
+    """Put the saved values (taken before any zeroing: the originals) back."""
     with torch.no_grad():
         for (_, p, dim, idx), values in zip(reversed(slices), reversed(saved)):
             p.index_copy_(dim, idx, values)
