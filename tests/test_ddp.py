@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import etp_fx
-from gloo import gloo_group, run_two_ranks
+from gloo import data, gloo_group, run_two_ranks
 from etp_fx.regularise.torque import ExponentialTorque
 
 
@@ -16,11 +16,6 @@ def make_model():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(),
                          nn.Linear(16, 4))
-
-
-def data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
 
 
 def step(model, reg, x, y):

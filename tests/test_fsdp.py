@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import etp_fx
-from gloo import gloo_group, run_two_ranks
+from gloo import data, gloo_group, run_two_ranks
 from etp_fx.regularise.torque import ExponentialTorque
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -22,11 +22,6 @@ def make_model():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 7, 3, padding=1),
                          nn.ReLU(), nn.Flatten(), nn.Linear(7 * 6 * 6, 9), nn.ReLU(),
                          nn.Linear(9, 4))
-
-
-def data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
 
 
 def shard(model, mesh):
