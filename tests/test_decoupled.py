@@ -194,3 +194,100 @@ def test_a_target_sets_the_range_from_the_learning_rate():
                               control={"most": 2.0})
     given.attach(torch.optim.AdamW(model.parameters(), lr=5e-3))
     assert (given.strength, given.controller.most) == (0.3, 2.0)
+
+
+# -- the fused update (one compiled pass per weight)
+def convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 3))
+
+
+def tiny_vit():
+    from torchvision.models import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                             hidden_dim=16, mlp_dim=24, num_classes=3)
+
+
+@pytest.mark.parametrize("build", [convnet, tiny_vit])
+def test_row_and_column_parts_sum_to_every_weights_coefficient(build):
+    """The fused kernels see each weight as a matrix whose coefficient is row[o] + col[j]:
+    that sum must be, element for element, the eager update's broadcast coefficient (conv
+    weights in two groups, depthwise convs, norms, linear heads, attention projections)."""
+    from etp_fx.regularise.fused import row_col, row_col_layout
+    model = build()
+    reg = ExponentialTorque(etp_fx.trace(model, torch.randn(1, 3, 32, 32)), strength=1.0)
+    slot = torch.rand(reg.norms.length)
+    layout = row_col_layout(reg.norms)
+    rows, cols = row_col(layout, slot)
+    for shape, bcast, r, c in zip(reg.norms.shapes, reg.norms.broadcast(slot), rows, cols):
+        assert torch.equal((r + c).reshape(shape), bcast.expand(shape)), shape
+    assert any(rc.row is not None and rc.col_parts for rc in layout)  # rows and columns
+    assert any(len(rc.shape) == 1 for rc in layout)  # a norm's or a bias's vector
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_fused_update_gives_the_eager_updates_values(norm):
+    """Ten SGD steps with the fused update (compiled) and with the eager one: the same
+    weights, the zeros included, and the fused kernel really ran."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    a = convnet()
+    b = copy.deepcopy(a)
+    g = etp_fx.trace(a, x[:1])
+    regs = [ExponentialTorque(g, strength=2.0, norm=norm, model=m) for m in (a, b)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b)]
+    regs[0].attach(opts[0], fused=False)
+    regs[1].attach(opts[1], fused=True)
+    for _ in range(10):
+        for m, opt in zip((a, b), opts):
+            sgd_step(m, opt, x, y)
+    assert regs[1]._fused is not None and regs[1]._fused.compiled
+    assert regs[0]._fused is None
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    zeros = sum(int((p == 0).sum()) for p in a.parameters())
+    assert zeros > 0 and zeros == sum(int((q == 0).sum()) for q in b.parameters())
+
+
+def test_fused_is_automatic_only_for_long_runs_and_refuses_what_it_cannot_do():
+    from etp_fx.regularise.fused import FUSED_MIN_STEPS, resolve_fused
+    model = convnet()
+    params = list(model.parameters())
+    assert not resolve_fused(None, None, params)
+    assert not resolve_fused(None, FUSED_MIN_STEPS - 1, params)
+    assert resolve_fused(None, FUSED_MIN_STEPS, params)
+    assert not resolve_fused(False, FUSED_MIN_STEPS, params)
+    model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    assert not resolve_fused(None, FUSED_MIN_STEPS, params)
+    with pytest.raises(RegulariserError, match="not contiguous"):
+        resolve_fused(True, None, params)
+
+
+def test_a_fused_update_that_cannot_compile_warns_and_runs_the_eager_one(monkeypatch):
+    import etp_fx.regularise.fused as fused_mod
+
+    def no_compiler(fn, **kw):
+        def broken(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return broken
+    monkeypatch.setattr(fused_mod.torch, "compile", no_compiler)
+    x, y = data()
+    a = mlp()
+    b = copy.deepcopy(a)
+    g = etp_fx.trace(a, x[:1])
+    regs = [ExponentialTorque(g, strength=0.5, model=m) for m in (a, b)]
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (a, b)]
+    regs[0].attach(opts[0], fused=False)
+    regs[1].attach(opts[1], fused=True)
+    sgd_step(a, opts[0], x[:32], y[:32])
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        sgd_step(b, opts[1], x[:32], y[:32])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert regs[1]._fused.broken

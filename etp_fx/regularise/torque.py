@@ -39,6 +39,7 @@ from ..graph.signature import check_model_matches
 from .controller import StrengthController, keep_counts, removal_share, target_selection
 from .decoupled import DECOUPLED_START_RATE, group_lrs, initial_lr, most_rate, \
     optimiser_groups, proximal_step
+from .fused import FusedProximal, resolve_fused
 from .norms import Sharding, UnitNorms, local_shards, norm_order, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
@@ -119,6 +120,7 @@ class _TorqueBase:
         self._given = set(control or {}) | ({"start"} if strength is not None else set())
         self._model_ref = weakref.ref(model) if model is not None else None
         self._hook: Any = None
+        self._fused: FusedProximal | None = None
         fixed = _check_strength(strength, preset, self.controller is not None)
         self.strength = self.controller.start if self.controller is not None else fixed
         self.norm, self.ord = norm, _penalty_order(norm)
@@ -388,8 +390,8 @@ class _TorqueBase:
         self._advance(self._params(model))
 
     # -- the decoupled (proximal) form
-    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
-               ) -> "_TorqueBase":
+    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
+               *, fused: bool | None = None) -> "_TorqueBase":
         """Apply the penalty as a decoupled proximal update after every ``optimizer.step()``
         instead of a loss term (see :mod:`etp_fx.regularise.decoupled` and docs/etp.md,
         "Decoupled update"); returns the regulariser. Do not also add ``reg(model)`` to the
@@ -402,11 +404,19 @@ class _TorqueBase:
         to the last ``reg(model)`` call (else an error). With a target, the strength's start
         and cap (unless given in ``control=`` / ``strength=``) are set for the optimiser's
         initial ``lr``: the same per-step pull for SGD and AdamW, nothing to tune.
+        ``fused``: run the update as one compiled pass per weight
+        (:mod:`etp_fx.regularise.fused`; compiles once on the first step, 10-30 s on CPU);
+        ``None`` (default) does for a target-driven run of at least
+        :data:`~etp_fx.regularise.fused.FUSED_MIN_STEPS` steps on CPU.
         Raises :class:`RegulariserError` naming a penalised parameter that the optimiser does
         not hold or that is frozen."""
         model = self._attach_model(model)
-        groups = optimiser_groups(optimizer, self.names, self._params(model))
+        params = self._params(model)
+        groups = optimiser_groups(optimizer, self.names, params)
         self.detach()
+        steps = self.controller.steps if self.controller is not None else None
+        self._fused = (FusedProximal(self.norms, self.ord)
+                       if resolve_fused(fused, steps, params) else None)
         if self.controller is not None and not self.controller.history:
             lr0 = initial_lr(optimizer, groups)
             if lr0 > 0:
@@ -468,7 +478,10 @@ class _TorqueBase:
 
     def _proximal(self, params: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
         factors = [lr * self.strength for lr in lrs]
-        proximal_step(self.norms, params, self.ord, self._coefs(params[0].device), factors)
+        coefs = self._coefs(params[0].device)
+        if self._fused is not None and self._fused(params, coefs, factors):
+            return
+        proximal_step(self.norms, params, self.ord, coefs, factors)
 
     def update(self, model: torch.nn.Module) -> float:
         """Update the strength from the model's weights now (whatever the step); returns it.
