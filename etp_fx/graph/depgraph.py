@@ -237,9 +237,38 @@ def _barrier(node: fx.Node, dims_of, barriers: list[str], why: str) -> None:
     barriers.append(f"{target} at {node.name}: {why}")
 
 
-def _coords(t: Term, leaf: Axis) -> list[int]:
-    """For each index of a dim with layout ``t``: the coordinate of ``leaf`` there, or -1."""
-    return _resolved_coords(resolve(t), leaf)
+def _coords(t: Term, leaf: Axis, normal: dict[int, tuple]) -> list[int]:
+    """For each index of a dim with layout ``t``: the coordinate of ``leaf`` there, or -1.
+
+    ``normal`` caches, by ``id(t)``, ``t``'s normal form and, when that is one axis or a
+    concatenation of distinct axes (the common case), each axis's offset: a densenet concat
+    layout is a member of dozens of groups, resolved and measured once, not once per group."""
+    if id(t) not in normal:
+        form = resolve(t)
+        normal[id(t)] = (t, form, _offsets(form))  # t kept: its id stays its own
+    _, form, offsets = normal[id(t)]
+    if offsets is None:
+        return _resolved_coords(form, leaf)
+    total, at = offsets
+    start = at.get(leaf.uid)
+    if start is None:
+        return [-1] * total
+    return [-1] * start + list(range(leaf.size)) + [-1] * (total - start - leaf.size)
+
+
+def _offsets(form: Term) -> tuple[int, dict[int, int]] | None:
+    """``(size, {axis uid: offset})`` of an axis or a concatenation of distinct axes, else
+    None (a product, or a nested form: :func:`_resolved_coords` handles those)."""
+    parts = (form,) if isinstance(form, Axis) else form.parts if isinstance(form, Cat) else ()
+    if not parts or not all(isinstance(p, Axis) for p in parts):
+        return None
+    at, off = {}, 0
+    for p in parts:
+        if p.uid in at:
+            return None
+        at[p.uid] = off
+        off += p.size
+    return off, at
 
 
 def _holds(t: Term, leaf: Axis) -> bool:
@@ -252,10 +281,13 @@ def _resolved_coords(t: Term, leaf: Axis) -> list[int]:
     # concat is a Cat of dozens of parts, met once per member of every group)
     if isinstance(t, Axis):
         return list(range(t.size)) if t is leaf else [-1] * t.size
+    if not isinstance(t, Prod):  # a concat: its parts one after the other (list ops in C)
+        out: list[int] = []
+        for p in t.parts:
+            out.extend(_resolved_coords(p, leaf) if _holds(p, leaf) else [-1] * size_of(p))
+        return out
     parts = [_resolved_coords(p, leaf) if _holds(p, leaf) else [-1] * size_of(p)
              for p in t.parts]
-    if not isinstance(t, Prod):
-        return [c for p in parts for c in p]
     out = [-1]
     for p in parts:
         out = [a if b == -1 else (b if a == -1 else None) for a in out for b in p]
@@ -289,7 +321,7 @@ def _collect_groups(gm: fx.GraphModule, roles, params, buffers):
     # a leaf may be reached via a second get_attr of the same parameter: names dedupe above
     order = {n: i for i, (n, _) in enumerate(list(gm.named_parameters()) + list(gm.named_buffers()))}
     normalised = {leaf.uid for leaf, _ in reduced_leaves(gm, NORMALISING)}
-    groups = []
+    groups, normal = [], {}  # normal: layouts' normal forms (the terms live on the nodes)
     for uid, members in slots.items():
         leaf = leaf_of[uid]
         members.sort(key=lambda m: (order.get(m[0], 1 << 30), m[1]))
@@ -297,7 +329,7 @@ def _collect_groups(gm: fx.GraphModule, roles, params, buffers):
             continue  # only buffers: nothing to learn or shrink
         try:
             mem = [Member(n, d, frozenset(roles.get((n, d), ())), n in buffers,
-                          tuple(_coords(t, leaf))) for n, d, t in members]
+                          tuple(_coords(t, leaf, normal))) for n, d, t in members]
         except ValueError as e:  # not expressible as slices: keep these channels
             frozen.setdefault(f"{members[0][0]}[{members[0][1]}]", []).append(str(e))
             continue
