@@ -229,6 +229,30 @@ def test_removal_share_is_the_mass_in_the_units_the_selection_removes(small):
     assert left == pytest.approx(0.2) and kept > 0
 
 
+def test_after_reach_only_the_units_to_remove_stay_penalised(small):
+    m, g = small
+    reg = etp_fx.ExponentialTorque(g, ratio=0.5, steps=20,
+                                   control={"interval": 2, "warmup": 0.0})
+    held = etp_fx.ExponentialTorque(g, ratio=0.5, steps=20,
+                                    control={"interval": 2, "warmup": 0.0, "release": False})
+    before = reg.coef.copy()
+    for step in range(1, 21):
+        reg(m)
+        held(m)
+        assert (reg.controller.released is None) == (step < 15)  # updates at 1, 3, ..., 15
+    plan = reg.controller.released
+    assert held.controller.released is None and np.array_equal(held.coef, before)
+    for s in reg.unit_sets:
+        o = reg.norms.offsets[s.id]
+        gone = np.zeros(s.size, bool)
+        gone[plan.get(s.id, [])] = True
+        coef = reg.coef[o: o + s.size]
+        assert gone.any() and (coef[~gone] == 0).all()
+        np.testing.assert_array_equal(coef[gone], before[o: o + s.size][gone])
+    # the penalty (and the decoupled update) now read only the removed units
+    assert reg.value(m).item() < held.value(m).item() * reg.strength / held.strength
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 def digits():

@@ -199,6 +199,12 @@ class StrengthController:
         After ``reach`` the strength stays below ``settle`` times its value at ``reach``: the
         work is done by then, and a share that lingers just above the floor (an L1
         subgradient keeps dead weights jittering around zero) must not wind the strength up.
+    release : bool
+        At the first update after ``reach``, name the units the target removes then
+        (:attr:`released`): from there on only they are penalised, and the kept units train
+        free of the force. By ``reach`` the units to remove are at the floor; a pull that
+        goes on shrinking the kept ones only costs accuracy (False: the force stays on every
+        unit to the end).
     loss_rise : float
         With the task loss given (``reg(model, loss=...)``): back off while its running mean
         has given back more than ``loss_rise`` of the way from its first value down to its
@@ -211,7 +217,7 @@ class StrengthController:
                  ramp: float = 0.2, horizon: float = 3.0, warmup: float = 0.1,
                  keep: float = 0.0, swell: float = 1.3, inflate: float = 0.0, backoff: float = 1.5,
                  loss_rise: float = 0.2, settle: float = 4.0, most: float = 10.0,
-                 ceiling: float = 100.0, knee: bool = True) -> None:
+                 ceiling: float = 100.0, knee: bool = True, release: bool = True) -> None:
         _check_positive("start", start)
         _check_positive("ramp", ramp)
         _check_positive("most", most)
@@ -238,7 +244,8 @@ class StrengthController:
         self.ramp, self.horizon, self.settle = float(ramp), horizon, settle
         self.keep, self.backoff, self.loss_rise = keep, backoff, loss_rise
         self._at_reach: float | None = None
-        self.ceiling, self.knee = ceiling, bool(knee)
+        self.ceiling, self.knee, self.release = ceiling, bool(knee), bool(release)
+        self.released: dict[str, list[int]] | None = None  # the plan frozen at the release
         self.warmup, self.inflate, self.most = float(min(warmup, reach)), inflate, float(most)
         self.swell = swell
         self.learned_cap = math.inf  # the strength at which the weights began to swell
@@ -328,6 +335,8 @@ class StrengthController:
                                strength, left)
         goal = self.goal(step)
         self.plan = plan
+        if self.release and self.released is None and step >= self.reach * self.steps:
+            self.released = {g: list(u) for g, u in plan.items()}
         self.history.append(ControlState(step, new, left, goal,
                                          kept / self._first[1] if self._first[1] else 0.0,
                                          sum(map(len, plan.values()))))

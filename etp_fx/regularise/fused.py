@@ -138,6 +138,8 @@ class FusedProximal:
         self.layout = row_col_layout(norms)
         self._fn: Callable | None = None
         self.compiled = self.broken = False
+        self._key: tuple | None = None
+        self._ws: list[torch.Tensor] | None = None
         self._l1: tuple[torch.device, list, list] | None = None
 
     @staticmethod
@@ -159,12 +161,13 @@ class FusedProximal:
         regulariser's coefficient tensors (``"slot"`` for L1, ``"unit"`` for L2). If the
         first call cannot compile (no C++ compiler, ...) it warns once and returns False from
         then on."""
-        if self.broken or self.unsupported(params) is not None:
+        ws = None if self.broken else self._views(params)
+        if ws is None:
             return False
         if self._fn is None:
             self._fn = self._compile()
         try:
-            self._run(params, coefs, factors)
+            self._run(ws, coefs, factors)
         except Exception as err:  # only the first call compiles; later errors are real
             if self.compiled:
                 raise
@@ -174,11 +177,20 @@ class FusedProximal:
         self.compiled = True
         return True
 
-    def _run(self, params: Sequence[torch.Tensor], coefs: dict, factors: Sequence[float]
+    def _views(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Detached aliases of the parameters (None if unsupported), kept while the same
+        storages back the same parameters: building them costs a tenth of a small model's
+        update."""
+        key = tuple((id(p), p.data_ptr()) for p in params)
+        if key != self._key:
+            ok = self.unsupported(params) is None
+            self._ws, self._key = ([p.detach() for p in params] if ok else None), key
+        return self._ws
+
+    def _run(self, ws: Sequence[torch.Tensor], coefs: dict, factors: Sequence[float]
              ) -> None:
-        dev = params[0].device
+        dev = ws[0].device
         f = torch.tensor(list(factors), dtype=torch.float32, device=dev)
-        ws = [p.detach() for p in params]
         self.norms.tensors(dev)  # built here, not as a side effect inside the compiled code
         with torch.no_grad():
             if self.ord == 1:
@@ -186,6 +198,10 @@ class FusedProximal:
                 self._fn(ws, rows, cols, f)
             else:
                 self._fn(ws, coefs["unit"], f)
+
+    def forget_coefficients(self) -> None:
+        """The regulariser's coefficients changed: rebuild the L1 parts on the next call."""
+        self._l1 = None
 
     def _l1_parts(self, slot: torch.Tensor, dev: torch.device) -> tuple[list, list]:
         if self._l1 is None or self._l1[0] != dev:

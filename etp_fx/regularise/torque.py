@@ -203,6 +203,11 @@ class _TorqueBase:
                                  self.norms.unit_numel[o: o + s.size], self._knee(s))
             self.multiplier[s.id] = a
             coef[o: o + s.size] = f * a * self.group_factors[s.id]
+        self._use_coefficients(coef)
+
+    def _use_coefficients(self, coef: np.ndarray) -> None:
+        """Penalise with these per-unit coefficients from now on (the device copies and the
+        fused update's parts are rebuilt on the next use)."""
         self.coef = coef
         # L1: sum_u c_u * sum_{i in u} r_i = sum_i r_i * c_{unit(i)}; no scatter needed
         coef_slot = np.zeros(self.norms.length)
@@ -210,6 +215,16 @@ class _TorqueBase:
         self.coef_slot = coef_slot
         self._dev: torch.device | None = None
         self._coef_t: dict[str, Any] = {}
+        if self._fused is not None:
+            self._fused.forget_coefficients()
+
+    def _release_kept(self, plan: Mapping[str, Sequence[int]]) -> None:
+        """Only the units in ``plan`` (the ones the target removes) stay penalised."""
+        mask = np.zeros(self.norms.n_units)
+        for s in self.unit_sets:
+            gone = np.asarray(plan.get(s.id, ()), dtype=np.int64)
+            mask[self.norms.offsets[s.id] + gone] = 1.0
+        self._use_coefficients(self.coef * mask)
 
     # -- subclass hooks
     def _force_params(self, base, scale):
@@ -378,8 +393,11 @@ class _TorqueBase:
     def _control(self, params: Sequence[torch.Tensor]) -> None:
         ctl = self.controller
         norms = self.norms.arrays(self.norms.read(params, norm_order(ctl.selection.norm)))
+        released = ctl.released
         self.strength = ctl.update(self.graph, norms, self.calls, self.strength,
                                    allow_approximate=self.allow_approximate)
+        if released is None and ctl.released is not None:
+            self._release_kept(ctl.released)
         if self._dev is not None:
             self._coef_t["strength"].fill_(self.strength)
 
