@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..capture import flat_inputs
 
@@ -54,8 +55,10 @@ def _has_state(m: torch.nn.Module) -> bool:
 def _shell(m: torch.nn.Module, root: bool) -> torch.nn.Module:
     """A new module object sharing ``m``'s attributes (tensors and children replaced later)."""
     if root:
-        # its own class: a GraphModule's forward lives on its class, recompiled per graph
+        # its own class: a GraphModule's forward lives on its class, recompiled per graph;
+        # a capture compiled on first use (the fast path's) gives an ordinary GraphModule
         cls = next(c for c in type(m).__mro__ if c.__name__ != "GraphModuleImpl")
+        cls = fx.GraphModule if issubclass(cls, _LazyGraphModule) else cls
         new = fx.GraphModule.__new__(cls)
         new.__dict__.update(m.__dict__)
         new.meta = dict(m.meta)
