@@ -81,6 +81,36 @@ def _compile(e: Any):
     return eval(compile(src, "<etp_fx cost model>", "eval"), {"sum": sum, "prod": math.prod})
 
 
+def _walk(e: Any, w: list[int]) -> int:
+    """The value of ``e`` at widths ``w``, by walking the tree (what the compiled code does)."""
+    if isinstance(e, int):
+        return e
+    if e.kind == "w":
+        return w[e.i]
+    values = [_walk(p, w) for p in e.parts]
+    return sum(values, e.const) if e.kind == "+" else math.prod(values, start=e.const)
+
+
+class _Formula:
+    """An expression, evaluated by walking its tree for its first few evaluations and by
+    compiled code after: compiling costs as much as about twenty walks (a few ms on a large
+    CNN), and ``compress`` evaluates a fresh trace's cost model four times, while a search
+    over widths evaluates it hundreds of times."""
+
+    WALKS = 16  # evaluations before compiling
+
+    def __init__(self, e: Any) -> None:
+        self.e, self.calls, self.fn = e, 0, None
+
+    def __call__(self, w: list[int]) -> int:
+        if self.fn is None:
+            self.calls += 1
+            if self.calls <= self.WALKS:
+                return _walk(self.e, w)
+            self.fn = _compile(self.e)
+        return self.fn(w)
+
+
 class CostModel:
     """Params and MACs of a traced model as functions of its group widths.
 
@@ -118,8 +148,8 @@ class CostModel:
             if r is not None and r.cost is not None:
                 macs = macs + r.cost(self, node)
         self._params_tree, self._macs_tree = params, macs
-        self._params_fn = _compile(params)
-        self._macs_fn = _compile(macs)
+        self._params_fn = _Formula(params)
+        self._macs_fn = _Formula(macs)
 
     # helpers for the per-rule cost functions
     def dims(self, x) -> list[Term] | None:
