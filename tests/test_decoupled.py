@@ -291,3 +291,29 @@ def test_a_fused_update_that_cannot_compile_warns_and_runs_the_eager_one(monkeyp
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert regs[1]._fused.broken
+
+
+def test_the_fused_update_follows_the_release_of_the_kept_units():
+    """After the controller's release only the units to remove are penalised: the fused
+    update must use the new coefficients (its cached row and column parts are rebuilt), so it
+    agrees with the eager update on a copy, and a strong step leaves the kept units alone."""
+    from etp_fx.regularise.decoupled import proximal_step
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    m = convnet()
+    reg = ExponentialTorque(etp_fx.trace(m, x[:1]), ratio=0.5, steps=20, model=m,
+                            control={"interval": 2, "warmup": 0.0})
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    reg.attach(opt, fused=True)
+    for _ in range(20):
+        sgd_step(m, opt, x, y)
+    assert reg.controller.released is not None and reg._fused.compiled
+    twin = copy.deepcopy(m)
+    reg.proximal(m, 10.0)  # fused
+    params = reg.norms.parameters(twin)
+    proximal_step(reg.norms, params, reg.ord, reg._coefs(params[0].device),
+                  [10.0 * reg.strength] * len(params))
+    for p, q in zip(m.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    kept = reg.norms.values(reg.norms.parameters(m), 1) > 0
+    assert kept.any() and (torch.as_tensor(reg.coef)[kept] == 0).all()
