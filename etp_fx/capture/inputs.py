@@ -162,9 +162,12 @@ class _Snapshot:
         """Put everything back; the names of parameters that changed and had no copy."""
         self.configs.restore()
         for m, flag, slots in zip(self.modules, self.flags, self.slots):
-            m.training = flag
+            if m.training is not flag:  # nn.Module.__setattr__ is slow: only what changed
+                m.training = flag
             for s, saved in slots.items():
                 now = vars(m)[s]
+                if not now and not saved:  # the common case (hook dicts): nothing to do
+                    continue
                 if s.endswith("hooks") or s.endswith("called"):
                     # hooks added meanwhile go; one removed stays removed (a lazy module
                     # drops its initialising hook after its first call, for good)
