@@ -74,7 +74,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, t in modes:
-            m.training = t
+            if m.training is not t:  # nn.Module.__setattr__ is slow: only what changed
+                m.training = t
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
