@@ -241,12 +241,18 @@ def test_fused_update_gives_the_eager_updates_values(norm):
     g = etp_fx.trace(a, x[:1])
     regs = [ExponentialTorque(g, strength=2.0, norm=norm, model=m) for m in (a, b)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.8) for o in opts]
     regs[0].attach(opts[0], fused=False)
     regs[1].attach(opts[1], fused=True)
+    from torch._dynamo.utils import counters
+    graphs = []
     for _ in range(10):
-        for m, opt in zip((a, b), opts):
+        for m, opt, sched in zip((a, b), opts, scheds):
             sgd_step(m, opt, x, y)
+            sched.step()
+        graphs.append(counters["stats"]["unique_graphs"])
     assert regs[1]._fused is not None and regs[1]._fused.compiled
+    assert len(set(graphs)) == 1  # compiled once: a new lr every step does not recompile
     assert regs[0]._fused is None
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
