@@ -121,6 +121,8 @@ class _TorqueBase:
         self._model_ref = weakref.ref(model) if model is not None else None
         self._hook: Any = None
         self._fused: FusedProximal | None = None
+        self._dev: torch.device | None = None  # the coefficients' device copies: _coefs
+        self._coef_t: dict[str, Any] = {}
         fixed = _check_strength(strength, preset, self.controller is not None)
         self.strength = self.controller.start if self.controller is not None else fixed
         self.norm, self.ord = norm, _penalty_order(norm)
@@ -213,8 +215,12 @@ class _TorqueBase:
         coef_slot = np.zeros(self.norms.length)
         np.add.at(coef_slot, self.norms.src, coef[self.norms.dst])
         self.coef_slot = coef_slot
-        self._dev: torch.device | None = None
-        self._coef_t: dict[str, Any] = {}
+        if self._dev is not None:  # update the device copies in place: a compiled step keeps
+            fresh = self._device_coefs(self._dev)  # reading the same tensors, no recompile
+            for key in ("slot", "unit"):
+                self._coef_t[key].copy_(fresh[key])
+            for old, new in zip(self._coef_t["bcast"], fresh["bcast"]):
+                old.copy_(new)
         if self._fused is not None:
             self._fused.forget_coefficients()
 
@@ -317,14 +323,18 @@ class _TorqueBase:
 
     def _coefs(self, device: torch.device) -> dict[str, Any]:
         if self._dev != device:
-            slot = torch.as_tensor(self.coef_slot, dtype=torch.float32, device=device)
-            self._coef_t = {"slot": slot,
-                            "unit": torch.as_tensor(self.coef, dtype=torch.float32,
-                                                    device=device),
-                            "bcast": self.norms.broadcast(slot),
-                            "strength": torch.full((), self.strength, device=device)}
+            self._coef_t = self._device_coefs(device)
             self._dev = device
         return self._coef_t
+
+    def _device_coefs(self, device: torch.device) -> dict[str, Any]:
+        """The coefficients as tensors on ``device``: per slot position, per unit, broadcast
+        per parameter, and the strength as a 0-dim tensor."""
+        slot = torch.as_tensor(self.coef_slot, dtype=torch.float32, device=device)
+        return {"slot": slot,
+                "unit": torch.as_tensor(self.coef, dtype=torch.float32, device=device),
+                "bcast": self.norms.broadcast(slot),
+                "strength": torch.full((), self.strength, device=device)}
 
     def _strength_factor(self, c: dict[str, Any]) -> float | torch.Tensor:
         """The strength as a float, or, when a target drives it, as a 0-dim tensor updated in
