@@ -628,7 +628,8 @@ def fast_capture(model: nn.Module, args: tuple, kwargs: dict, *,
     outputs with pytree specs. The ops run on meta tensors (shapes only): before the graph's
     values are relied on, :func:`check_capture` compares them with the model's. With
     ``dynamic_batch``, a graph that reads tensor sizes is refused (it would bake the
-    example's sizes in)."""
+    example's sizes in). Its Python code is generated on first use
+    (:class:`_CompiledOnFirstUse`)."""
     if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
         return None, "the fast path takes positional tensor inputs only"
     _register_optional()
@@ -666,8 +667,11 @@ class _CompiledOnFirstUse(_LazyGraphModule):
     bound and named by it)."""
 
     def recompile(self) -> None:  # the graph changed: compile on the next use
+        cls = type(self)  # the module's own class: its forward is replaced on compiling
         if not isinstance(self._graph._codegen, _PyTreeCodeGen):
-            return super().recompile()  # not a capture's graph: no specs to set
+            if "_lazy_forward" in vars(cls):  # not a capture's graph: torch's lazy forward
+                del cls._lazy_forward
+            return super().recompile()
         info = self._graph._codegen.pytree_info
         self._in_spec, self._out_spec = info.in_spec, info.out_spec
 
@@ -677,8 +681,7 @@ class _CompiledOnFirstUse(_LazyGraphModule):
         forward.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
              for n in ["self", *info.orig_args]])
-        # the module's own class; the lazy class tells "not compiled yet" by this identity
-        cls = type(self)
+        # the lazy class tells "not compiled yet" by this identity
         cls._lazy_forward = cls.forward = forward
 
 
