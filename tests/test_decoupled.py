@@ -252,7 +252,10 @@ def test_fused_update_gives_the_eager_updates_values(norm):
             sched.step()
         graphs.append(counters["stats"]["unique_graphs"])
     assert regs[1]._fused is not None and regs[1]._fused.compiled
-    assert len(set(graphs)) == 1  # compiled once: a new lr every step does not recompile
+    # compiled once per kernel (L1 with SGD: the separate update at step 1, before the
+    # momentum buffers exist, then SGD's step fused with it): a new lr every step does
+    # not recompile
+    assert len(set(graphs[1:])) == 1
     assert regs[0]._fused is None
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
@@ -323,3 +326,58 @@ def test_the_fused_update_follows_the_release_of_the_kept_units():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
     kept = reg.norms.values(reg.norms.parameters(m), 1) > 0
     assert kept.any() and (torch.as_tensor(reg.coef)[kept] == 0).all()
+
+
+# -- SGD's step and the update in one loop
+@pytest.mark.parametrize("opts", [dict(momentum=0.9, weight_decay=5e-4),
+                                  dict(momentum=0.9, dampening=0.1, nesterov=False),
+                                  dict(momentum=0.8, nesterov=True, weight_decay=1e-3),
+                                  dict(momentum=0.0, weight_decay=1e-3)])
+def test_sgd_fused_with_the_update_gives_sgd_then_the_update(opts):
+    """attach(SGD, fused=True): the pre-step hook runs SGD's step and the soft-threshold of the
+    penalised weights in one compiled loop and the optimiser skips them. Weights, momentum
+    buffers and gradients equal those of SGD's own step followed by the eager update; the
+    first step (no momentum buffers yet) runs the unfused way."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    a = convnet()
+    b = copy.deepcopy(a)
+    g = etp_fx.trace(a, x[:1])
+    regs = [ExponentialTorque(g, strength=2.0, model=m) for m in (a, b)]
+    optims = [torch.optim.SGD(m.parameters(), lr=0.05, **opts) for m in (a, b)]
+    regs[0].attach(optims[0], fused=False)
+    regs[1].attach(optims[1], fused=True)
+    for _ in range(6):
+        for m, opt in zip((a, b), optims):
+            sgd_step(m, opt, x, y)
+    assert regs[1]._fused_step.steps == (6 if opts["momentum"] == 0 else 5)
+    assert regs[0].calls == regs[1].calls == 6
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.grad, p.grad)  # given back after the step
+        if opts["momentum"]:
+            torch.testing.assert_close(optims[1].state[q]["momentum_buffer"],
+                                       optims[0].state[p]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-6)
+    assert sum(int((p == 0).sum()) for p in b.parameters()) > 0
+
+
+def test_sgd_fusion_steps_aside_for_a_closure_and_other_optimisers():
+    x, y = data()
+    m = mlp()
+    g = etp_fx.trace(m, x[:1])
+    reg = ExponentialTorque(g, strength=0.5, model=m)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+    reg.attach(opt, fused=True)
+    sgd_step(m, opt, x[:32], y[:32])  # makes the momentum buffers
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x[:32]), y[:32])
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert reg.calls == 2 and reg._fused_step.steps == 0
+    other = ExponentialTorque(g, strength=0.5, model=m)
+    other.attach(torch.optim.AdamW(m.parameters(), lr=1e-3), fused=True)
+    assert other._fused is not None and other._fused_step is None

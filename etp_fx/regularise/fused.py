@@ -30,7 +30,8 @@ import torch
 from ..errors import RegulariserError
 from .norms import UnitNorms
 
-__all__ = ["FusedProximal", "FUSED_MIN_STEPS", "row_col_layout", "row_col"]
+__all__ = ["FusedProximal", "FUSED_MIN_STEPS", "row_col_layout", "row_col", "resolve_fused",
+           "warn_unfused"]
 
 # fused=None turns the fused update on for a target-driven run of at least this many steps:
 # the compile costs 10-30 s once (2-4 s from a warm cache) against a few ms saved per step.
@@ -161,7 +162,7 @@ class FusedProximal:
         regulariser's coefficient tensors (``"slot"`` for L1, ``"unit"`` for L2). If the
         first call cannot compile (no C++ compiler, ...) it warns once and returns False from
         then on."""
-        ws = None if self.broken else self._views(params)
+        ws = None if self.broken else self.views(params)
         if ws is None:
             return False
         if self._fn is None:
@@ -172,12 +173,12 @@ class FusedProximal:
             if self.compiled:
                 raise
             self.broken = True
-            _warn_unfused(err)
+            warn_unfused(err)
             return False
         self.compiled = True
         return True
 
-    def _views(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    def views(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """Detached aliases of the parameters (None if unsupported), kept while the same
         storages back the same parameters: building them costs a tenth of a small model's
         update."""
@@ -194,7 +195,7 @@ class FusedProximal:
         self.norms.tensors(dev)  # built here, not as a side effect inside the compiled code
         with torch.no_grad():
             if self.ord == 1:
-                rows, cols = self._l1_parts(coefs["slot"], dev)
+                rows, cols = self.l1_parts(coefs["slot"], dev)
                 self._fn(ws, rows, cols, f)
             else:
                 self._fn(ws, coefs["unit"], f)
@@ -203,7 +204,7 @@ class FusedProximal:
         """The regulariser's coefficients changed: rebuild the L1 parts on the next call."""
         self._l1 = None
 
-    def _l1_parts(self, slot: torch.Tensor, dev: torch.device) -> tuple[list, list]:
+    def l1_parts(self, slot: torch.Tensor, dev: torch.device) -> tuple[list, list]:
         if self._l1 is None or self._l1[0] != dev:
             self._l1 = (dev, *row_col(self.layout, slot.to(dev)))
         return self._l1[1], self._l1[2]
@@ -232,7 +233,7 @@ def resolve_fused(fused: bool | None, steps: int | None, params: Sequence[torch.
     return bool(fused)
 
 
-def _warn_unfused(err: Exception) -> None:
+def warn_unfused(err: Exception) -> None:
     """The fused update could not compile here: say so once, the eager update runs."""
     warnings.warn(f"the fused decoupled update did not compile ({type(err).__name__}: "
                   f"{err}); using the eager update (same values, slower). Pass fused=False "

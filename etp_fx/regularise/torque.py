@@ -40,6 +40,7 @@ from .controller import StrengthController, keep_counts, removal_share, target_s
 from .decoupled import DECOUPLED_START_RATE, group_lrs, initial_lr, most_rate, \
     optimiser_groups, proximal_step
 from .fused import FusedProximal, resolve_fused
+from .fused_step import FusedSGDStep, sgd_unsupported
 from .norms import Sharding, UnitNorms, local_shards, norm_order, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
@@ -121,6 +122,8 @@ class _TorqueBase:
         self._model_ref = weakref.ref(model) if model is not None else None
         self._hook: Any = None
         self._fused: FusedProximal | None = None
+        self._fused_step: FusedSGDStep | None = None
+        self._early: str | None = None  # what the pre-step hook did this step
         self._dev: torch.device | None = None  # the coefficients' device copies: _coefs
         self._coef_t: dict[str, Any] = {}
         fixed = _check_strength(strength, preset, self.controller is not None)
@@ -433,8 +436,11 @@ class _TorqueBase:
         and cap (unless given in ``control=`` / ``strength=``) are set for the optimiser's
         initial ``lr``: the same per-step pull for SGD and AdamW, nothing to tune.
         ``fused``: run the update as one compiled pass per weight
-        (:mod:`etp_fx.regularise.fused`; compiles once on the first step, 10-30 s on CPU);
-        ``None`` (default) does for a target-driven run of at least
+        (:mod:`etp_fx.regularise.fused`; compiles once on the first step, 10-30 s on CPU),
+        and with a plain ``torch.optim.SGD`` and L1 units run SGD's own step of the
+        penalised weights in the same loop (:mod:`etp_fx.regularise.fused_step`: the
+        optimiser skips them and gets their gradients back after its step); ``None``
+        (default) does for a target-driven run of at least
         :data:`~etp_fx.regularise.fused.FUSED_MIN_STEPS` steps on CPU.
         Raises :class:`RegulariserError` naming a penalised parameter that the optimiser does
         not hold or that is frozen."""
@@ -453,15 +459,28 @@ class _TorqueBase:
                     None if "most" in self._given else most_rate(optimizer, groups) / lr0)
                 self.strength = self.controller.start
         ref = weakref.ref(model)
-        self._hook = optimizer.register_step_post_hook(
-            lambda opt, args, kwargs: self._after_step(opt, groups, ref))
+        self._hook = [optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: self._after_step(opt, groups, ref))]
+        self._fused_step = self._sgd_fusion(optimizer, groups)
+        if self._fused_step is not None:
+            self._hook.append(optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: self._before_step(opt, groups, ref, args, kwargs)))
         return self
+
+    def _sgd_fusion(self, optimizer: torch.optim.Optimizer, groups: Sequence[int]
+                    ) -> FusedSGDStep | None:
+        """With the fused update, L1 units and every step: SGD's step and the update in one
+        loop (:mod:`.fused_step`), where the optimiser is a plain ``torch.optim.SGD``."""
+        if self._fused is None or self.ord != 1 or self.every != 1 or \
+                sgd_unsupported(optimizer, groups) is not None:
+            return None
+        return FusedSGDStep(self._fused, optimizer, groups)
 
     def detach(self) -> None:
         """Stop the decoupled update :meth:`attach` registered (nothing if none)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hook or ():
+            hook.remove()
+        self._hook, self._fused_step, self._early = None, None, None
 
     def observe(self, loss: torch.Tensor | float) -> None:
         """Feed this step's task loss to a target's controller (it backs off when the loss
@@ -488,10 +507,31 @@ class _TorqueBase:
         if model is None:
             raise RegulariserError("the model this regulariser was attached with no longer "
                                    "exists: call reg.detach() or attach it to the new model")
+        early, self._early = self._early, None
+        if early == "done":  # the pre-step hook ran SGD's step and the update together
+            self._fused_step.restore()
+            return
         params = self._params(model)
-        if not self._counted_step(params):
+        if early != "counted" and not self._counted_step(params):
             return
         self._proximal(params, [lr * self.every for lr in group_lrs(optimizer, groups)])
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, groups: Sequence[int],
+                     ref: "weakref.ref[torch.nn.Module]", args: tuple, kwargs: dict) -> None:
+        """The optimiser's pre-step hook (fused SGD only): count the step, then SGD's step
+        and the update of the penalised weights in one loop; the optimiser skips them."""
+        model = ref()
+        if model is None or len(args) > 1 or kwargs.get("closure") is not None:
+            return  # (args[0] is the optimiser) a closure recomputes the gradients: not fused
+        params = self._params(model)
+        bufs = self._fused_step.ready(params)
+        if bufs is None:
+            return
+        self._counted_step(params)  # every == 1: the update is due
+        self._early = "counted"
+        factors = [lr * self.strength for lr in group_lrs(optimizer, groups)]
+        if self._fused_step.step(params, bufs, self._coefs(params[0].device), factors):
+            self._early = "done"
 
     def proximal(self, model: torch.nn.Module, lr: float | Sequence[float]) -> None:
         """One decoupled update of the model's penalised weights now, with step size ``lr``
