@@ -22,8 +22,9 @@ backward, optimizer step):
   as one compiled loop per weight); ``etp-decoupled-fused-post``: the compiled update after
   the optimiser's own step (an SGD subclass, which is not fused with it); ``base-fused-sgd``:
   the fused SGD step with a strength of 1e-30, i.e. SGD compiled, the fair base for
-  ``etp-decoupled-fused``. Compiles happen in the warm-up and are not timed; not with
-  ``--quick``;
+  ``etp-decoupled-fused``; ``base-adamw``, ``etp-decoupled-fused-adamw``,
+  ``base-fused-adamw``: the same three with AdamW (overheads reported against
+  ``base-adamw``). Compiles happen in the warm-up and are not timed; not with ``--quick``;
 - ``etp-decoupled-every4``: the decoupled update on one step in 4 (4 times the step size),
   for comparison with ``etp-every8`` (not an every-step form);
 - ``prox-alone``, ``prox-alone-l2`` (and ``-fused``): the proximal update by itself (``reg.proximal(model,
@@ -116,11 +117,12 @@ def make_variants(model, x, y, *, compile_: bool, fused: bool = True) -> dict:
         regs[f"etp-decoupled{suffix}"] = reg
         if every == 1 and suffix != "-fused-post":
             variants[f"prox-alone{suffix}"] = lambda reg=reg: reg.proximal(model, 1e-3)
-    if fused:  # the same compiled SGD step with a penalty too small to matter: SGD compiled
+    if fused:  # the same compiled step with a penalty too small to matter: SGD compiled
         reg = ExponentialTorque(g, strength=1e-30, model=model)
         own = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         reg.attach(own, model, fused=True)
         variants["base-fused-sgd"] = decoupled_step(model, own, x, y)
+        variants.update(adamw_variants(g, model, x, y))
     try:
         import torch_pruning as tp
         ignored = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
@@ -139,6 +141,22 @@ def make_variants(model, x, y, *, compile_: bool, fused: bool = True) -> dict:
         variants["etp-compiled"] = step(fn)
     units = {k: r.norms.n_units for k, r in regs.items()}
     return variants, units
+
+
+def adamw_variants(g, model, x, y) -> dict:
+    """AdamW: its eager step (``base-adamw``), with the fused update inside it
+    (``etp-decoupled-fused-adamw``), and the same compiled step with a negligible strength
+    (``base-fused-adamw``)."""
+    from etp_fx.regularise.torque import ExponentialTorque
+
+    out = {}
+    for name, strength in (("base-adamw", None), ("etp-decoupled-fused-adamw", 1e-3),
+                           ("base-fused-adamw", 1e-30)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        if strength is not None:
+            ExponentialTorque(g, strength=strength, model=model).attach(opt, model, fused=True)
+        out[name] = decoupled_step(model, opt, x, y)
+    return out
 
 
 class _SeparateSGD(torch.optim.SGD):
@@ -193,11 +211,13 @@ def run_model(name, model, x, y, rounds, warmup, compile_, only=None, fused=True
                      "wall_overhead": None if k == "base" else overhead(w, res["wall"]["base"]),
                      "cpu_overhead": None if k == "base" else overhead(c, res["cpu"]["base"]),
                      "alone": k.startswith("prox-alone")})
-    compiled_base = None  # the fused update against SGD compiled the same way
-    if "etp-decoupled-fused" in res["cpu"] and "base-fused-sgd" in res["cpu"]:
-        compiled_base = overhead(res["cpu"]["etp-decoupled-fused"], res["cpu"]["base-fused-sgd"])
+    pairs = {"fused_vs_compiled_sgd": ("etp-decoupled-fused", "base-fused-sgd"),
+             "adamw_fused_vs_eager": ("etp-decoupled-fused-adamw", "base-adamw"),
+             "adamw_fused_vs_compiled": ("etp-decoupled-fused-adamw", "base-fused-adamw")}
+    extra = {k: overhead(res["cpu"][a], res["cpu"][b]) if a in res["cpu"] and b in res["cpu"]
+             else None for k, (a, b) in pairs.items()}
     return {"model": name, "params": n_params, "input": tuple(x.shape), "rows": rows,
-            "units": units, "rounds": rounds, "fused_vs_compiled_sgd": compiled_base}
+            "units": units, "rounds": rounds, **extra}
 
 
 def pct(v):
@@ -260,6 +280,12 @@ def report(results, args) -> str:
                 f"(`-fused-post`) {pct(o.get('etp-decoupled-fused-post'))}, timed alone "
                 f"{pct_of(o.get('prox-alone-fused'))} of a base step; L2 units "
                 f"{pct(o.get('etp-decoupled-l2-fused'))}.")
+        if r.get("adamw_fused_vs_eager") is not None:
+            summary.append(
+                f"- {r['model']} (batch {r['input'][0]}), AdamW: the fused update inside "
+                f"AdamW's step changes the step by {pct(r['adamw_fused_vs_eager'])} CPU time "
+                f"against AdamW's eager step, {pct(r.get('adamw_fused_vs_compiled'))} against "
+                f"the same compiled AdamW step without the penalty.")
     if summary:
         lines += ["## Summary", ""] + summary + [""]
     lines += [

@@ -379,5 +379,38 @@ def test_sgd_fusion_steps_aside_for_a_closure_and_other_optimisers():
     opt.step(closure)
     assert reg.calls == 2 and reg._fused_step.steps == 0
     other = ExponentialTorque(g, strength=0.5, model=m)
-    other.attach(torch.optim.AdamW(m.parameters(), lr=1e-3), fused=True)
+    other.attach(torch.optim.AdamW(m.parameters(), lr=1e-3, amsgrad=True), fused=True)
     assert other._fused is not None and other._fused_step is None
+    other.attach(torch.optim.RMSprop(m.parameters(), lr=1e-3), fused=True)
+    assert other._fused is not None and other._fused_step is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.01),
+    lambda ps: torch.optim.Adam(ps, lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-3, eps=1e-6),
+])
+def test_adam_fused_with_the_update_gives_adam_then_the_update(make):
+    """Adam and AdamW: the same as SGD's fusion; weights, both moments and the step count
+    equal the optimiser's own step followed by the eager update. (An MLP: Adam divides by the
+    gradient's size, so a conv bias that BatchNorm cancels, whose gradient is rounding noise,
+    would amplify last-bit differences into visible ones.)"""
+    x, y = data()
+    x, y = x[:64], y[:64]
+    a = mlp()
+    b = copy.deepcopy(a)
+    g = etp_fx.trace(a, x[:1])
+    regs = [ExponentialTorque(g, strength=0.5, model=m) for m in (a, b)]
+    optims = [make(m.parameters()) for m in (a, b)]
+    regs[0].attach(optims[0], fused=False)
+    regs[1].attach(optims[1], fused=True)
+    for _ in range(6):
+        for m, opt in zip((a, b), optims):
+            sgd_step(m, opt, x, y)
+    assert regs[1]._fused_step.steps == 5  # the first step makes the moments
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        sa, sb = optims[0].state[p], optims[1].state[q]
+        assert float(sa["step"]) == float(sb["step"]) == 6
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7)
+    assert sum(int((p == 0).sum()) for p in b.parameters()) > 0

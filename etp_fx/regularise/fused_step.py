@@ -1,103 +1,186 @@
-"""The optimiser's SGD step and the L1 proximal update in one compiled loop per weight.
+"""The optimiser's step and the L1 proximal update in one compiled loop per weight.
 
 The fused proximal update (:mod:`.fused`) still reads and writes every penalised weight once
 more after ``optimizer.step()`` has just done so: on a short step (ViT-tiny at batch 8 on CPU,
 22 MB of weights pushed out of cache by the step) that pass alone is 4 % of the step. Here the
-regulariser computes ``torch.optim.SGD``'s own update of the penalised weights and the
-soft-threshold in the same loop, one read of the weight, its gradient and its momentum buffer,
-one write of the weight and the buffer, then hands the weights to the optimiser with no
+regulariser computes the optimiser's own update of the penalised weights and the
+soft-threshold in the same loop (one read of the weight, its gradient and the optimiser's
+state, one write of the weight and the state), then hands the weights to the optimiser with no
 gradient, so that its step skips them (and gives the gradients back after it).
 
-The update is SGD's, term for term (``torch.optim.SGD`` with weight decay, momentum, dampening
-and Nesterov): ``d = g + wd * w``; ``b = momentum * b + (1 - dampening) * d``; ``d = d +
-momentum * b`` (Nesterov) or ``b``; ``w = w - lr * d``; then ``w = sign(w) * max(|w| - t, 0)``.
-It runs only where it is exactly that: a plain ``torch.optim.SGD`` (not ``maximize``,
-``differentiable`` or ``fused``), dense contiguous gradients, momentum buffers already made by
-the optimiser's first step, no closure; anything else takes the optimiser's step and the
-separate proximal update.
+One rule per optimiser, each the optimiser's single-tensor step term for term:
+
+- ``torch.optim.SGD``: ``d = g + wd w``; ``b = momentum b + (1 - dampening) d``; ``d = d +
+  momentum b`` (Nesterov) or ``b``; ``w = w - lr d``;
+- ``torch.optim.Adam`` / ``AdamW``: ``step += 1``; ``w = w (1 - lr wd)`` (decoupled) or ``g =
+  g + wd w``; ``m = m + (1 - beta1)(g - m)``; ``v = beta2 v + (1 - beta2) g^2``; ``w = w -
+  lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)``;
+
+then ``w = sign(w) * max(|w| - t, 0)``. A rule runs only where it is exactly that optimiser
+(the class itself, not ``maximize``, ``differentiable``, ``fused``, ``capturable`` or
+``amsgrad``), with dense contiguous gradients, the state its first step made, and no closure;
+anything else takes the optimiser's step and the separate proximal update.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .fused import FusedProximal, warn_unfused
 
-__all__ = ["FusedSGDStep", "sgd_unsupported"]
+__all__ = ["FusedOptimiserStep", "optimiser_unsupported"]
 
 
-def sgd_unsupported(optimizer: torch.optim.Optimizer, groups: Sequence[int]) -> str | None:
-    """Why the optimiser's step cannot be fused with the update, or None if it can."""
-    if type(optimizer) is not torch.optim.SGD:
-        return f"the optimiser is {type(optimizer).__name__}, not torch.optim.SGD"
-    for i in sorted(set(groups)):
-        g = optimizer.param_groups[i]
-        for flag in ("maximize", "differentiable", "fused"):
-            if g.get(flag):
-                return f"param group {i} has {flag}=True"
-    return None
+def _soft(s: torch.Tensor, f, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    # sign(s) * max(|s| - f * (row + col), 0): the L1 proximal step after the optimiser's
+    return torch.copysign((s.abs() - (f * (r + c)).to(s.dtype)).clamp_min(0), s)
 
 
-def _sgd_soft_threshold(params, grads, bufs, rows, cols, hyper, factors, nesterov) -> None:
-    # per weight, one loop: SGD's step (hyper = lr, momentum, 1 - dampening, weight decay),
-    # then the L1 proximal step w <- sign(w) * max(|w| - f * (row + col), 0)
-    for i, (w, g, b, r, c) in enumerate(zip(params, grads, bufs, rows, cols)):
+def _sgd_loop(params, grads, states, rows, cols, hyper, factors, nesterov) -> None:
+    # hyper per weight: lr, momentum, 1 - dampening, weight decay; states: momentum buffers
+    for i, (w, g, b, r, c) in enumerate(zip(params, grads, states, rows, cols)):
         shape = (r.shape[0], c.shape[1])
-        w2, d = w.view(shape), g.view(shape)
-        d = d + hyper[i, 3] * w2
+        w2 = w.view(shape)
+        d = g.view(shape) + hyper[i, 3] * w2
         if b is not None:
             b2 = b.view(shape)
             nb = hyper[i, 1] * b2 + hyper[i, 2] * d
             b2.copy_(nb)
             d = d + hyper[i, 1] * nb if nesterov[i] else nb
-        s = w2 - hyper[i, 0] * d
-        t = (factors[i] * (r + c)).to(s.dtype)
-        w2.copy_(torch.copysign((s.abs() - t).clamp_min(0), s))
+        w2.copy_(_soft(w2 - hyper[i, 0] * d, factors[i], r, c))
 
 
-class FusedSGDStep:
-    """SGD's step and the L1 proximal update of the penalised weights, compiled together.
+def _adam_loop(params, grads, states, rows, cols, hyper, factors, decoupled) -> None:
+    # hyper per weight: weight decay (1 - lr wd when decoupled), 1 - beta1, beta2, 1 - beta2,
+    # step size lr / (1 - beta1^t), sqrt(1 - beta2^t), eps; states: (exp_avg, exp_avg_sq)
+    for i, (w, g, (m, v), r, c) in enumerate(zip(params, grads, states, rows, cols)):
+        shape = (r.shape[0], c.shape[1])
+        w2, g2, m2, v2 = w.view(shape), g.view(shape), m.view(shape), v.view(shape)
+        if decoupled[i]:
+            p = w2 * hyper[i, 0]
+        else:
+            p, g2 = w2, g2 + hyper[i, 0] * w2
+        nm = m2 + hyper[i, 1] * (g2 - m2)
+        nv = hyper[i, 2] * v2 + hyper[i, 3] * g2 * g2
+        m2.copy_(nm)
+        v2.copy_(nv)
+        denom = nv.sqrt() / hyper[i, 5] + hyper[i, 6]
+        w2.copy_(_soft(p - hyper[i, 4] * nm / denom, factors[i], r, c))
+
+
+class _SGD:
+    loop = staticmethod(_sgd_loop)
+    flags = ("maximize", "differentiable", "fused")
+
+    @staticmethod
+    def state(p: torch.Tensor, group: dict, st: dict) -> Any:
+        if not group["momentum"]:
+            return None
+        buf = st.get("momentum_buffer")
+        return buf if buf is not None and buf.is_contiguous() else False
+
+    @staticmethod
+    def hyper(group: dict, st: dict) -> list[float]:
+        return [float(group["lr"]), float(group["momentum"]), 1.0 - float(group["dampening"]),
+                float(group["weight_decay"])]
+
+    @staticmethod
+    def switch(group: dict) -> bool:
+        return bool(group["nesterov"])
+
+
+class _Adam:
+    loop = staticmethod(_adam_loop)
+    flags = ("maximize", "differentiable", "fused", "capturable", "amsgrad")
+
+    @staticmethod
+    def state(p: torch.Tensor, group: dict, st: dict) -> Any:
+        m, v, step = st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step")
+        if m is None or v is None or step is None or not (m.is_contiguous() and
+                                                           v.is_contiguous()):
+            return False  # the optimiser's first step makes the state
+        return (m, v)
+
+    @staticmethod
+    def hyper(group: dict, st: dict) -> list[float]:
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = float(st["step"])  # already counted for this step
+        decay = 1.0 - lr * wd if group.get("decoupled_weight_decay") else wd
+        return [decay, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** t),
+                math.sqrt(1.0 - beta2 ** t), float(group["eps"])]
+
+    @staticmethod
+    def switch(group: dict) -> bool:
+        return bool(group.get("decoupled_weight_decay"))
+
+
+_RULES = {torch.optim.SGD: _SGD, torch.optim.Adam: _Adam, torch.optim.AdamW: _Adam}
+
+
+def optimiser_unsupported(optimizer: torch.optim.Optimizer, groups: Sequence[int]) -> str | None:
+    """Why the optimiser's step cannot be fused with the update, or None if it can."""
+    rule = _RULES.get(type(optimizer))
+    if rule is None:
+        return f"no fused rule for {type(optimizer).__name__} (SGD, Adam and AdamW have one)"
+    for i in sorted(set(groups)):
+        g = optimizer.param_groups[i]
+        for flag in rule.flags:
+            if g.get(flag):
+                return f"param group {i} has {flag}=True"
+    return None
+
+
+class FusedOptimiserStep:
+    """The optimiser's step and the L1 proximal update of the penalised weights, compiled
+    together.
 
     Holds the regulariser's :class:`~.fused.FusedProximal` (its parameter views and
-    coefficient parts). Call :meth:`step` from the optimiser's pre-step hook, then
-    :meth:`restore` from its post-step hook."""
+    coefficient parts). Call :meth:`ready`, then :meth:`step` from the optimiser's pre-step
+    hook, and :meth:`restore` from its post-step hook."""
 
     def __init__(self, prox: FusedProximal, optimizer: torch.optim.Optimizer,
                  groups: Sequence[int]) -> None:
         self.prox, self.optimizer, self.groups = prox, optimizer, list(groups)
+        self.rule = _RULES[type(optimizer)]
         self._fn: Callable | None = None
         self._taken: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.steps = 0  # how many steps ran fused (for tests and logs)
 
     def ready(self, params: Sequence[torch.Tensor]) -> list | None:
-        """The momentum buffers (None where momentum is 0) if this step can run fused."""
+        """Each weight's optimiser state for the loop, if this step can run fused."""
         if self.prox.broken or self.prox.views(params) is None:
             return None
-        bufs = []
+        states = []
         for p, gi in zip(params, self.groups):
             grad = p.grad
             if grad is None or grad.is_sparse or not grad.is_contiguous() \
                     or grad.shape != p.shape or grad.dtype != p.dtype:
                 return None
-            momentum = self.optimizer.param_groups[gi]["momentum"]
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None
-            if momentum and (buf is None or not buf.is_contiguous()):
-                return None  # the optimiser's first step makes the buffers
-            bufs.append(buf)
-        return bufs
+            st = self.rule.state(p, self.optimizer.param_groups[gi],
+                                 self.optimizer.state.get(p, {}))
+            if st is False:
+                return None
+            states.append(st)
+        return states
 
-    def step(self, params: Sequence[torch.Tensor], bufs: Sequence[Any], coefs: dict,
+    def step(self, params: Sequence[torch.Tensor], states: Sequence[Any], coefs: dict,
              factors: Sequence[float]) -> bool:
-        """Update the penalised weights (and their momentum buffers) now, then take their
+        """Update the penalised weights (and their optimiser state) now, then take their
         gradients away so that the optimiser's step skips them. False (nothing done) if the
         first call cannot compile: it warns once, and the optimiser's step and the separate
         update run instead."""
+        if self.rule is _Adam:  # the step count the optimiser would add, before its hypers
+            torch._foreach_add_([self.optimizer.state[p]["step"] for p in params], 1.0)
         try:
-            self._run(params, bufs, coefs, factors)
+            self._run(params, states, coefs, factors)
         except Exception as err:  # only the first call compiles; later errors are real
             if self.steps:
                 raise
+            if self.rule is _Adam:
+                torch._foreach_sub_([self.optimizer.state[p]["step"] for p in params], 1.0)
             self.prox.broken = True
             warn_unfused(err)
             return False
@@ -107,23 +190,22 @@ class FusedSGDStep:
         self.steps += 1
         return True
 
-    def _run(self, params: Sequence[torch.Tensor], bufs: Sequence[Any], coefs: dict,
+    def _run(self, params: Sequence[torch.Tensor], states: Sequence[Any], coefs: dict,
              factors: Sequence[float]) -> None:
         ws = self.prox.views(params)
         dev = ws[0].device
         rows, cols = self.prox.l1_parts(coefs["slot"], dev)
-        pg = self.optimizer.param_groups
-        hyper = torch.tensor([[float(pg[i]["lr"]), float(pg[i]["momentum"]),
-                               1.0 - float(pg[i]["dampening"]), float(pg[i]["weight_decay"])]
-                              for i in self.groups], dtype=torch.float32, device=dev)
-        nesterov = tuple(bool(pg[i]["nesterov"]) for i in self.groups)
+        pg, state = self.optimizer.param_groups, self.optimizer.state
+        hyper = torch.tensor([self.rule.hyper(pg[i], state.get(p, {}))
+                              for p, i in zip(params, self.groups)],
+                             dtype=torch.float32, device=dev)
+        switch = tuple(self.rule.switch(pg[i]) for i in self.groups)
         f = torch.tensor(list(factors), dtype=torch.float32, device=dev)
         if self._fn is None:
-            self._fn = torch.compile(_sgd_soft_threshold, fullgraph=True, dynamic=False,
+            self._fn = torch.compile(self.rule.loop, fullgraph=True, dynamic=False,
                                      options={"cpp.threads": 1})
-        grads = [p.grad for p in params]
         with torch.no_grad():
-            self._fn(ws, grads, list(bufs), rows, cols, hyper, f, nesterov)
+            self._fn(ws, [p.grad for p in params], list(states), rows, cols, hyper, f, switch)
 
     def restore(self) -> bool:
         """Give the gradients back after the optimiser's step; whether this step ran fused."""

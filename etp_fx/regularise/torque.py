@@ -40,7 +40,7 @@ from .controller import StrengthController, keep_counts, removal_share, target_s
 from .decoupled import DECOUPLED_START_RATE, group_lrs, initial_lr, most_rate, \
     optimiser_groups, proximal_step
 from .fused import FusedProximal, resolve_fused
-from .fused_step import FusedSGDStep, sgd_unsupported
+from .fused_step import FusedOptimiserStep, optimiser_unsupported
 from .norms import Sharding, UnitNorms, local_shards, norm_order, swaps_parameters
 from .selection import Selection
 from .units import UnitSet, paper_unit_sets, unit_sets_from_graph, unwrap
@@ -122,7 +122,7 @@ class _TorqueBase:
         self._model_ref = weakref.ref(model) if model is not None else None
         self._hook: Any = None
         self._fused: FusedProximal | None = None
-        self._fused_step: FusedSGDStep | None = None
+        self._fused_step: FusedOptimiserStep | None = None
         self._early: str | None = None  # what the pre-step hook did this step
         self._dev: torch.device | None = None  # the coefficients' device copies: _coefs
         self._coef_t: dict[str, Any] = {}
@@ -437,9 +437,10 @@ class _TorqueBase:
         initial ``lr``: the same per-step pull for SGD and AdamW, nothing to tune.
         ``fused``: run the update as one compiled pass per weight
         (:mod:`etp_fx.regularise.fused`; compiles once on the first step, 10-30 s on CPU),
-        and with a plain ``torch.optim.SGD`` and L1 units run SGD's own step of the
-        penalised weights in the same loop (:mod:`etp_fx.regularise.fused_step`: the
-        optimiser skips them and gets their gradients back after its step); ``None``
+        and with a plain ``torch.optim.SGD``, ``Adam`` or ``AdamW`` and L1 units run the
+        optimiser's own step of the penalised weights in the same loop
+        (:mod:`etp_fx.regularise.fused_step`: the optimiser skips them and gets their
+        gradients back after its step); ``None``
         (default) does for a target-driven run of at least
         :data:`~etp_fx.regularise.fused.FUSED_MIN_STEPS` steps on CPU.
         Raises :class:`RegulariserError` naming a penalised parameter that the optimiser does
@@ -461,20 +462,20 @@ class _TorqueBase:
         ref = weakref.ref(model)
         self._hook = [optimizer.register_step_post_hook(
             lambda opt, args, kwargs: self._after_step(opt, groups, ref))]
-        self._fused_step = self._sgd_fusion(optimizer, groups)
+        self._fused_step = self._optimiser_fusion(optimizer, groups)
         if self._fused_step is not None:
             self._hook.append(optimizer.register_step_pre_hook(
                 lambda opt, args, kwargs: self._before_step(opt, groups, ref, args, kwargs)))
         return self
 
-    def _sgd_fusion(self, optimizer: torch.optim.Optimizer, groups: Sequence[int]
-                    ) -> FusedSGDStep | None:
-        """With the fused update, L1 units and every step: SGD's step and the update in one
-        loop (:mod:`.fused_step`), where the optimiser is a plain ``torch.optim.SGD``."""
+    def _optimiser_fusion(self, optimizer: torch.optim.Optimizer, groups: Sequence[int]
+                          ) -> FusedOptimiserStep | None:
+        """With the fused update, L1 units and every step: the optimiser's step and the
+        update in one loop (:mod:`.fused_step`: plain SGD, Adam and AdamW)."""
         if self._fused is None or self.ord != 1 or self.every != 1 or \
-                sgd_unsupported(optimizer, groups) is not None:
+                optimiser_unsupported(optimizer, groups) is not None:
             return None
-        return FusedSGDStep(self._fused, optimizer, groups)
+        return FusedOptimiserStep(self._fused, optimizer, groups)
 
     def detach(self) -> None:
         """Stop the decoupled update :meth:`attach` registered (nothing if none)."""
@@ -518,19 +519,20 @@ class _TorqueBase:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, groups: Sequence[int],
                      ref: "weakref.ref[torch.nn.Module]", args: tuple, kwargs: dict) -> None:
-        """The optimiser's pre-step hook (fused SGD only): count the step, then SGD's step
-        and the update of the penalised weights in one loop; the optimiser skips them."""
+        """The optimiser's pre-step hook (fused optimisers only): count the step, then the
+        optimiser's step and the update of the penalised weights in one loop; the optimiser
+        skips them."""
         model = ref()
         if model is None or len(args) > 1 or kwargs.get("closure") is not None:
             return  # (args[0] is the optimiser) a closure recomputes the gradients: not fused
         params = self._params(model)
-        bufs = self._fused_step.ready(params)
-        if bufs is None:
+        states = self._fused_step.ready(params)
+        if states is None:
             return
         self._counted_step(params)  # every == 1: the update is due
         self._early = "counted"
         factors = [lr * self.strength for lr in group_lrs(optimizer, groups)]
-        if self._fused_step.step(params, bufs, self._coefs(params[0].device), factors):
+        if self._fused_step.step(params, states, self._coefs(params[0].device), factors):
             self._early = "done"
 
     def proximal(self, model: torch.nn.Module, lr: float | Sequence[float]) -> None:
