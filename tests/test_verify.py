@@ -252,6 +252,97 @@ def test_the_other_batch_draw_is_checked_too(monkeypatch):
         etp_fx.compress(_mlp(), torch.randn(4, 5), remove={"0.weight[0]": [0]})
 
 
+class _BatchCoupled(nn.Module):
+    """Rows that interact in eval mode: every row gets the batch's mean added, so a row's
+    output at a batch of 2 is not its output alone (ops the fast capture lowers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y + y.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("capture", ["fast", "export"])
+def test_rows_that_interact_are_checked_against_the_whole_batch(monkeypatch, capture):
+    """The check at another batch stacks the example's reference and the fresh row's (run
+    alone); rows that interact make those differ from the model's batch of 2, so the check is
+    made again with a reference from the whole batch, and the model is neither refused nor
+    passed on the stacked reference."""
+    if capture == "export":
+        monkeypatch.setenv("ETP_FX_CAPTURE", "export")
+    torch.manual_seed(0)
+    net, x = _BatchCoupled().eval(), torch.randn(1, 5)
+    s = etp_fx.compress(net, x, remove={"a.weight[0]": [0, 1, 2]})
+    rep = s.meta["etp_report"]
+    other = rep["verified"][1]
+    assert other["check"] == "other batch" and other["passed"] is True
+    assert other["reference"] == "whole batch"
+    x3 = torch.randn(3, 5)
+    ref = copy.deepcopy(net)
+    etp_fx.zero_units(ref, etp_fx.trace(net, x), {"a.weight[0]": [0, 1, 2]})
+    with torch.no_grad():
+        torch.testing.assert_close(s(x3), ref(x3), rtol=1e-4, atol=1e-5)
+
+
+def _row_one_perturbed(monkeypatch):
+    """Sabotage: the result's row k gets the sum of the rows before it added (cumsum over the
+    batch minus the row itself): right at a batch of 1 and on row 0 of any batch, wrong on
+    row 1 of a batch of 2, the fresh row of the check at another batch."""
+    real = C.apply_folds
+
+    def coupled(gm, folds, keep):
+        lines = real(gm, folds, keep)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        first = out.args[0][0]
+        aten = torch.ops.aten
+        with gm.graph.inserting_before(out):
+            before = gm.graph.call_function(
+                aten.sub.Tensor, (gm.graph.call_function(aten.cumsum.default, (first, 0)), first))
+            wrong = gm.graph.call_function(aten.add.Tensor, (first, before))
+        out.args = ((wrong,) + tuple(out.args[0][1:]),)
+        gm.recompile()
+        return lines
+    monkeypatch.setattr(C, "apply_folds", coupled)
+
+
+@pytest.mark.parametrize("capture", ["fast", "export"])
+def test_a_result_wrong_only_on_the_fresh_row_is_caught(monkeypatch, capture):
+    """The example's row of the draw at another batch is right; the fresh row is not: the
+    stacked reference fails, the whole-batch reference fails too, and compress refuses."""
+    if capture == "export":
+        monkeypatch.setenv("ETP_FX_CAPTURE", "export")
+    _row_one_perturbed(monkeypatch)
+    with pytest.raises(etp_fx.VerificationError, match=r"\(other batch\)"):
+        etp_fx.compress(_mlp(), torch.randn(1, 5), remove={"0.weight[0]": [0]})
+
+
+def test_the_other_batch_stacks_the_example_and_a_fresh_row(monkeypatch):
+    """For a batch of 1, the draw at another batch is the example's row and one fresh row; the
+    model itself (the oracle of a fast capture) runs on the fresh row alone, the result at the
+    batch of 2 matches the stacked reference, and that vouches for the capture (no separate
+    run of the capture against the model)."""
+    batches, capture_runs = [], []
+    real = torch.func.functional_call
+
+    def counted(module, params, args, kwargs=None, **kw):
+        batches.append(args[0].shape[0])
+        return real(module, params, args, kwargs, **kw)
+    monkeypatch.setattr(torch.func, "functional_call", counted)
+    real_runs = C.runs_like_model
+    monkeypatch.setattr(C, "runs_like_model",
+                        lambda *a, **k: capture_runs.append(1) or real_runs(*a, **k))
+    x = torch.randn(1, 5)
+    small = etp_fx.compress(_mlp(), x, remove={"0.weight[0]": [0, 1]})
+    rep = small.meta["etp_report"]
+    assert batches == [1] and capture_runs == []
+    assert [(v["check"], v["batch"], v.get("reference")) for v in rep["verified"]] == [
+        ("example", 1, None), ("other batch", 2, "per row")]
+    assert all(v["passed"] for v in rep["verified"])
+
+
 class _Tokens(nn.Module):
     """Per-token MLP on (batch, length, features): an export keeps batch and length dynamic."""
 

@@ -10,14 +10,14 @@ import math
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..capture import check_deterministic, check_model_and_inputs, describe_inputs, \
-    eval_mode, normalize_inputs, untouched
+    normalize_inputs
 from ..errors import (FoldError, ModelError, OptionError, PlanError, RewriteError, TraceError,
                       VerificationError)
 from ..graph.depgraph import DependencyGraph
@@ -301,7 +301,7 @@ def _finished(job: Job, planned: _Planned) -> fx.GraphModule:
     checks = reference_checks(gm, job.model, job.example, job.traced,
                               planned.ran[0] if planned.ran else None, job.dynamic_batch,
                               merge=all(f.size_free for f in folds),
-                              oracle=_zeroed_model(job, gm) if job.unchecked else None) \
+                              model_oracle=job.unchecked) \
         if job.verify else []
     planned.ran.clear()
     rewrite_module(gm, keep, recompile=False)
@@ -318,20 +318,6 @@ def _finished(job: Job, planned: _Planned) -> fx.GraphModule:
     gm.meta["etp_example_inputs"] = batch_of_two(*example) if \
         gm.meta["etp_report"]["batch_dynamic"] else example
     return gm
-
-
-def _zeroed_model(job: Job, zeroed: fx.GraphModule) -> Callable[[tuple, dict], Any]:
-    """The model's own forward (eager, eval mode, left as it was) with the zeroed copy's
-    parameters in place of its own: the zeroed original without the capture."""
-    own = dict(job.model.named_parameters(remove_duplicate=False))
-    params = {name: t for name, t in zeroed.named_parameters(remove_duplicate=False)
-              if name in own and own[name].shape == t.shape and own[name].dtype == t.dtype}
-
-    def run(args: tuple, kw: dict) -> Any:
-        with eval_mode(job.model), untouched(job.model, copy_parameters=False), \
-                torch.no_grad():
-            return torch.func.functional_call(job.model, params, tuple(args), dict(kw))
-    return run
 
 
 def _detached(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:

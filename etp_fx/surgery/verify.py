@@ -5,8 +5,12 @@ The oracle is the capture the result was rewritten from, with the removed units 
 yet run against the model, the model's own forward with those units zeroed. Both run on the
 example inputs and, for a result that accepts any batch size, on a second random draw at
 another batch size (and, where the capture keeps a non-batch dim dynamic, every such dim
-grown: one draw for both). Floating outputs must agree to a tolerance of the output's scale
-that depends on the dtype the model computes in; integer and boolean outputs must be equal.
+grown: one draw for both). A draw at a larger batch than the example's is the example's rows
+followed by fresh ones, its reference first made row by row (the example's, known already,
+and the fresh rows' run alone); a result that does not match it is checked against one run
+at the whole batch, which rows that interact need. Floating outputs must agree to a
+tolerance of the output's scale that depends on the dtype the model computes in; integer
+and boolean outputs must be equal.
 A floating difference beyond the tolerance is rechecked with both models in float64, which
 tells rounding (amplified by an ill-conditioned op) from a real difference. What cannot be
 checked is refused, never passed: non-finite inputs or reference outputs, a model with no
@@ -32,8 +36,8 @@ from ..errors import InputError, OptionError, VerificationError
 
 __all__ = ["Tolerance", "TOLERANCES", "RECHECK_TOLERANCES", "OTHER_BATCH_AND_SHAPE",
            "check_rtol", "tolerance_for", "Comparison", "check_interface", "compare",
-           "non_finite", "check_finite", "Check", "reference_checks", "run_checks", "headline",
-           "deviation_message", "culprits"]
+           "non_finite", "check_finite", "Check", "reference_checks", "zeroed_model",
+           "run_checks", "headline", "deviation_message", "culprits"]
 
 _EPS16, _EPSBF16 = torch.finfo(torch.float16).eps, torch.finfo(torch.bfloat16).eps
 #: default tolerance, relative to the output's scale, by the least precise dtype the model
@@ -164,6 +168,10 @@ class Check:
     # "model": the reference is the model's own forward with the units zeroed (an eager
     # run), which vouches for the capture too; "capture": the zeroed capture's
     oracle: str = "capture"
+    # a reference made row by row (the example's rows, then fresh rows run alone): when the
+    # result does not match it, whole_batch(zeroed_original) makes the check with a reference
+    # from one run at the whole batch (rows that interact, or a result that is wrong)
+    whole_batch: Callable[[Callable[[], torch.nn.Module]], "Check"] | None = None
 
 
 #: the name of the one check at another batch and another shape (a merged draw)
@@ -172,14 +180,14 @@ OTHER_BATCH_AND_SHAPE = "other batch and shape"
 
 def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tuple[tuple, dict],
                      traced: tuple[tuple, dict], traced_output: Any, other_batch: bool, *,
-                     merge: bool = True, oracle: Callable[[tuple, dict], Any] | None = None
-                     ) -> list[Check]:
+                     merge: bool = True, model_oracle: bool = False) -> list[Check]:
     """The checks to run: the example, and with ``other_batch`` a random draw at another batch
     size and, where the capture keeps a non-batch dim dynamic, at another shape: one draw for
     both with ``merge`` (another batch and every dynamic dim grown), else one each.
     ``traced_output`` is the zeroed original's output on the traced inputs, when it was
-    already computed (planning folds runs it). ``oracle(args, kw)``, when given, computes the
-    reference at another batch instead of ``zeroed``: the model itself with the units zeroed.
+    already computed (planning folds runs it). With ``model_oracle``, the reference at another
+    batch is computed by the model itself with the units zeroed (:func:`zeroed_model`)
+    instead of by ``zeroed``.
 
     Raises
     ------
@@ -196,10 +204,25 @@ def reference_checks(zeroed: fx.GraphModule, model: torch.nn.Module, example: tu
     checks = [Check("example", args, kw, reference, is_traced)]
     if other_batch:
         merged = _merged_check(zeroed, example, _batch_of(*traced)) if merge else None
+        oracle = zeroed_model(model, zeroed) if model_oracle else None
         checks += [merged] if merged is not None else \
-            [_other_batch_check(zeroed, model, example, _batch_of(*traced), oracle)] + \
+            [_rows_check(zeroed, model, checks[0], example, _batch_of(*traced), oracle) or
+             _other_batch_check(zeroed, model, example, _batch_of(*traced), oracle)] + \
             _other_shape_check(zeroed, model, example)
     return checks
+
+
+def zeroed_model(model: torch.nn.Module, zeroed: fx.GraphModule) -> Callable[[tuple, dict], Any]:
+    """The model's own forward (eager, eval mode, left as it was) with the zeroed copy's
+    parameters in place of its own: the zeroed original without the capture."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    params = {name: t for name, t in zeroed.named_parameters(remove_duplicate=False)
+              if name in own and own[name].shape == t.shape and own[name].dtype == t.dtype}
+
+    def run(args: tuple, kw: dict) -> Any:
+        with eval_mode(model), untouched(model, copy_parameters=False), torch.no_grad():
+            return torch.func.functional_call(model, params, tuple(args), dict(kw))
+    return run
 
 
 def _dynamic_non_batch(zeroed: fx.GraphModule) -> bool:
@@ -350,6 +373,73 @@ def _other_batch_check(zeroed: fx.GraphModule, model: torch.nn.Module,
                  f"{last}")
 
 
+def _rows_check(zeroed: fx.GraphModule, model: torch.nn.Module, example_check: Check,
+                example: tuple[tuple, dict], traced_batch: int | None,
+                oracle: Callable[[tuple, dict], Any] | None) -> Check | None:
+    """The check at another batch for the price of the fresh rows: the draw is the example's
+    rows followed by fresh ones (:func:`_draw` for the rows missing), and its reference is
+    the example's reference followed by the reference of the fresh rows, run alone (from
+    ``oracle``, the model itself, when given, else from the zeroed capture). The example's
+    reference is known already, so this runs the reference at the batch of the fresh rows
+    instead of the whole batch. Exact for a model whose rows do not interact in eval mode;
+    for one whose rows do (it subtracts the batch's mean, say), the result differs from the
+    stacked reference and ``whole_batch`` makes the check of :func:`_other_batch_check`
+    instead. None where it does not apply: the other batch is not larger than the example's,
+    or an output has no rows to stack (no batch dim, a Python number), or the fresh rows'
+    reference cannot be had (:func:`_other_batch_check` then says why)."""
+    args, kw, reference = example_check.args, example_check.kw, example_check.reference
+    batch = _batch_of(args, kw)
+    if batch is None:
+        return None
+    other = _other_batch_size(batch, traced_batch)
+    if other <= batch:
+        return None
+    fresh = _draw(args, kw, batch, other - batch, True)
+    try:
+        with torch.no_grad():
+            fresh_ref = oracle(*fresh) if oracle is not None else zeroed(*fresh[0], **fresh[1])
+    except Exception:  # noqa: BLE001 - the whole-batch check runs instead and says why
+        return None
+    stacked = _stacked_outputs(reference, fresh_ref, batch, other - batch)
+    if stacked is None or non_finite(fresh_ref) is not None:
+        return None
+    a, k = _stacked_inputs((args, kw), fresh, batch)
+    by_model = oracle is not None
+
+    def whole_batch(zeroed_original: Callable[[], torch.nn.Module]) -> Check:
+        # the zeroed original made again (the one given was rewritten since); the oracle's
+        # parameters are not kept until then: they would hold a copy of the model's weights
+        again = zeroed_original()
+        return _other_batch_check(again, model, example, traced_batch,
+                                  zeroed_model(model, again) if by_model else None)
+    return Check("other batch", a, k, stacked, False,
+                 oracle="model" if by_model else "capture", whole_batch=whole_batch)
+
+
+def _stacked_inputs(example: tuple[tuple, dict], fresh: tuple[tuple, dict],
+                    batch: int) -> tuple[tuple, dict]:
+    """The example's inputs with the fresh rows after their own, input by input (an input
+    without the batch dim is the same in both, and stays as it is)."""
+    flat, spec = pytree.tree_flatten((tuple(example[0]), dict(example[1])))
+    rows = pytree.tree_leaves((tuple(fresh[0]), dict(fresh[1])))
+    return pytree.tree_unflatten([
+        torch.cat([t, r]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
+        else t for t, r in zip(flat, rows)], spec)
+
+
+def _stacked_outputs(reference: Any, fresh_ref: Any, batch: int, fresh: int) -> Any | None:
+    """The two references stacked row after row, or None when some output has no such rows
+    (not a tensor, no batch dim, another structure, shape or dtype)."""
+    flat, spec = pytree.tree_flatten(reference)
+    rows, spec_rows = pytree.tree_flatten(fresh_ref)
+    if spec != spec_rows or not all(
+            isinstance(t, torch.Tensor) and isinstance(r, torch.Tensor) and t.dim() and
+            t.shape[0] == batch and r.shape[0] == fresh and t.shape[1:] == r.shape[1:] and
+            t.dtype == r.dtype for t, r in zip(flat, rows)):
+        return None
+    return pytree.tree_unflatten([torch.cat([t, r]) for t, r in zip(flat, rows)], spec)
+
+
 def _model_refuses(model: torch.nn.Module, args: tuple, kw: dict) -> str | None:
     """The error's type name when the model's own code refuses these inputs, else None."""
     try:
@@ -428,32 +518,55 @@ def run_checks(checks: list[Check], small: torch.nn.Module, traced_got: Any, tol
     ``small`` is a compressed ``GraphModule`` (``output="graph"``) or module
     (``output="module"``); ``run(check)``, when given, runs it on a check's inputs instead
     of calling it directly (the module output names the module that fails).
-    ``zeroed_original()`` returns a zeroed original the float64 recheck may convert."""
+    ``zeroed_original()`` returns a zeroed original the float64 recheck may convert. A check
+    whose reference was made row by row (:func:`_rows_check`) that does not pass as it is
+    (a difference, a failure, another interface) is made again with a reference from one run
+    at the whole batch, and that check's record stands."""
     records = []
     for c in checks:
-        rec = {"check": c.name, "inputs": describe_inputs(c.args, c.kw),
-               "batch": _batch_of(c.args, c.kw), "dtype": str(tol.dtype).replace("torch.", ""),
-               "tolerance": tol.rtol}
-        if c.reference is None:
-            records.append({**rec, "passed": None, "note": c.note})
-            continue
-        try:
-            got = run(c) if run is not None else _outputs(small, c, traced_got)
-        except PinnedBySize as e:
-            records.append({**rec, "passed": None, "note": f"not checked: the result is "
-                            f"pinned to the traced size by a folded constant ({e})"})
-            continue
-        cmp = compare(c.reference, got)
-        rec.update(max_abs_diff=cmp.max_abs_diff, output_scale=cmp.output_scale,
-                   rel_diff=cmp.rel_diff, exact_elements=cmp.exact_compared,
-                   exact_mismatches=cmp.exact_mismatches, passed=cmp.within(tol.rtol))
-        if not rec["passed"] and tol.recheck is not None:
-            cmp64 = _in_float64(zeroed_original(), small, c.args, c.kw)
-            rec["float64_rel_diff"] = None if cmp64 is None else cmp64.rel_diff
-            rec["float64_tolerance"] = tol.recheck
-            rec["passed"] = cmp64 is not None and cmp64.within(tol.recheck)
+        if c.whole_batch is not None:
+            rec = _record(c, small, traced_got, tol, None, run, rows=True)
+            if rec.get("passed") is not True:
+                rec = {**_record(c.whole_batch(zeroed_original), small, traced_got, tol,
+                                 zeroed_original, run), "reference": "whole batch"}
+        else:
+            rec = _record(c, small, traced_got, tol, zeroed_original, run)
         records.append(rec)
     return records
+
+
+def _record(c: Check, small: torch.nn.Module, traced_got: Any, tol: Tolerance,
+            zeroed_original: Callable[[], torch.nn.Module] | None,
+            run: Callable[[Check], Any] | None, rows: bool = False) -> dict:
+    """One check's record. ``zeroed_original`` None: no float64 recheck. ``rows``: a
+    reference made row by row, where a failure of the result or another interface is a
+    failed record (``passed`` False) instead of an error: the whole-batch check decides."""
+    rec = {"check": c.name, "inputs": describe_inputs(c.args, c.kw),
+           "batch": _batch_of(c.args, c.kw), "dtype": str(tol.dtype).replace("torch.", ""),
+           "tolerance": tol.rtol}
+    if c.reference is None:
+        return {**rec, "passed": None, "note": c.note}
+    try:
+        got = run(c) if run is not None else _outputs(small, c, traced_got)
+        cmp = compare(c.reference, got)
+    except PinnedBySize as e:
+        return {**rec, "passed": None, "note": f"not checked: the result is pinned to the "
+                f"traced size by a folded constant ({e})"}
+    except VerificationError:
+        if rows:
+            return {**rec, "passed": False}
+        raise
+    rec.update(max_abs_diff=cmp.max_abs_diff, output_scale=cmp.output_scale,
+               rel_diff=cmp.rel_diff, exact_elements=cmp.exact_compared,
+               exact_mismatches=cmp.exact_mismatches, passed=cmp.within(tol.rtol))
+    if rows:
+        rec["reference"] = "per row"
+    elif not rec["passed"] and tol.recheck is not None:
+        cmp64 = _in_float64(zeroed_original(), small, c.args, c.kw)
+        rec["float64_rel_diff"] = None if cmp64 is None else cmp64.rel_diff
+        rec["float64_tolerance"] = tol.recheck
+        rec["passed"] = cmp64 is not None and cmp64.within(tol.recheck)
+    return rec
 
 
 def _in_float64(zeroed: torch.nn.Module, small: torch.nn.Module, args: tuple,
