@@ -31,7 +31,7 @@ from ..errors import RegulariserError
 from .norms import UnitNorms
 
 __all__ = ["FusedProximal", "FUSED_MIN_STEPS", "row_col_layout", "row_col", "resolve_fused",
-           "warn_unfused"]
+           "warn_unfused", "shrink_l1", "compile_one_thread", "per_weight"]
 
 # fused=None turns the fused update on for a target-driven run of at least this many steps:
 # the compile costs 10-30 s once (2-4 s from a warm cache) against a few ms saved per step.
@@ -83,42 +83,26 @@ def row_col(layout: Sequence[RowCol], slot: torch.Tensor
     return rows, cols
 
 
-def _slot_squares(layout: Sequence[RowCol], params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The squared-L2 slot vector (what :meth:`UnitNorms.slot_vector` gives for ``ord=2``)
-    read through the matrix views: row sums and column sums of ``w**2``, each a reduction
-    along a contiguous or a strided axis that inductor vectorises (a 4-D reduction over the
-    dims around a conv's input channels is not)."""
-    parts = []
-    for rc, w in zip(layout, params):
-        sq = w.view(rc.rows, rc.cols).float().square()
-        if rc.row is not None:
-            parts.append(sq.sum(1))
-        if not rc.col_parts:
-            continue
-        col = sq.sum(0).view(rc.shape[1:] if len(rc.shape) > 1 else rc.shape)
-        for _, d in rc.col_parts:
-            at = d - 1 if len(rc.shape) > 1 else d
-            rest = [j for j in range(col.dim()) if j != at]
-            parts.append(col.sum(rest) if rest else col)
-    return torch.cat(parts)
+def shrink_l1(s: torch.Tensor, f: torch.Tensor, r: torch.Tensor, c: torch.Tensor
+              ) -> torch.Tensor:
+    """``sign(s) * max(|s| - f * (row + col), 0)``: the L1 proximal step of a weight's
+    matrix view ``s`` (an expression to compile into a loop, not a kernel of its own)."""
+    return torch.copysign((s.abs() - (f * (r + c)).to(s.dtype)).clamp_min(0), s)
 
 
 def _soft_threshold(params: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
                     cols: Sequence[torch.Tensor], factors: torch.Tensor) -> None:
-    # w <- sign(w) * max(|w| - f * (row + col), 0): the L1 proximal step, one pass per weight
+    # the L1 proximal step, one pass per weight
     for i, (w, r, c) in enumerate(zip(params, rows, cols)):
         w2 = w.view(r.shape[0], c.shape[1])
-        t = factors[i] * (r + c)
-        w2.copy_(torch.copysign((w2.abs() - t.to(w2.dtype)).clamp_min(0), w2))
+        w2.copy_(shrink_l1(w2, factors[i], r, c))
 
 
 def _group_shrink(norms: UnitNorms, layout: Sequence[RowCol], params: Sequence[torch.Tensor],
                   unit_coef: torch.Tensor, factors: torch.Tensor) -> None:
     # w *= max(0, 1 - f * sum_u c_u / N_u): the L2 (group) proximal step; the norms' reduction
-    # and the scaled write are two loops, the unit bookkeeping in between is tiny
-    u = norms.scatter(_slot_squares(layout, params), 2)
-    n = torch.where(u > 0, u.clamp_min(1e-30).sqrt(), torch.zeros_like(u))
-    scale = torch.where(n > 0, unit_coef / n.clamp_min(1e-30), torch.zeros_like(n))
+    # (the one norm kernel, traced) and the scaled write are two loops
+    _, scale = norms.l2_scale(params, unit_coef)
     rows, cols = row_col(layout, norms.slot_coefficients(scale))
     for i, (w, r, c) in enumerate(zip(params, rows, cols)):
         w2 = w.view(r.shape[0], c.shape[1])
@@ -191,7 +175,7 @@ class FusedProximal:
     def _run(self, ws: Sequence[torch.Tensor], coefs: dict, factors: Sequence[float]
              ) -> None:
         dev = ws[0].device
-        f = torch.tensor(list(factors), dtype=torch.float32, device=dev)
+        f = per_weight(factors, dev)
         self.norms.tensors(dev)  # built here, not as a side effect inside the compiled code
         with torch.no_grad():
             if self.ord == 1:
@@ -215,7 +199,19 @@ class FusedProximal:
         else:
             def fn(params, unit_coef, factors):
                 _group_shrink(self.norms, self.layout, params, unit_coef, factors)
-        return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.threads": 1})
+        return compile_one_thread(fn)
+
+
+def compile_one_thread(fn: Callable) -> Callable:
+    """``fn`` compiled whole (inductor, static shapes) into one-thread loops (see the module
+    docstring for why one thread)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.threads": 1})
+
+
+def per_weight(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-weight numbers (``lr * strength``, optimiser settings) as a float32 tensor: an
+    input of the compiled loops, so new values each step need no recompile."""
+    return torch.tensor(list(values), dtype=torch.float32, device=device)
 
 
 def resolve_fused(fused: bool | None, steps: int | None, params: Sequence[torch.Tensor]

@@ -28,14 +28,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .fused import FusedProximal, warn_unfused
+from .fused import FusedProximal, compile_one_thread, per_weight, shrink_l1, warn_unfused
 
 __all__ = ["FusedOptimiserStep", "optimiser_unsupported"]
-
-
-def _soft(s: torch.Tensor, f, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # sign(s) * max(|s| - f * (row + col), 0): the L1 proximal step after the optimiser's
-    return torch.copysign((s.abs() - (f * (r + c)).to(s.dtype)).clamp_min(0), s)
 
 
 def _sgd_loop(params, grads, states, rows, cols, hyper, factors, nesterov) -> None:
@@ -49,7 +44,7 @@ def _sgd_loop(params, grads, states, rows, cols, hyper, factors, nesterov) -> No
             nb = hyper[i, 1] * b2 + hyper[i, 2] * d
             b2.copy_(nb)
             d = d + hyper[i, 1] * nb if nesterov[i] else nb
-        w2.copy_(_soft(w2 - hyper[i, 0] * d, factors[i], r, c))
+        w2.copy_(shrink_l1(w2 - hyper[i, 0] * d, factors[i], r, c))
 
 
 def _adam_loop(params, grads, states, rows, cols, hyper, factors, decoupled) -> None:
@@ -67,7 +62,7 @@ def _adam_loop(params, grads, states, rows, cols, hyper, factors, decoupled) -> 
         m2.copy_(nm)
         v2.copy_(nv)
         denom = nv.sqrt() / hyper[i, 5] + hyper[i, 6]
-        w2.copy_(_soft(p - hyper[i, 4] * nm / denom, factors[i], r, c))
+        w2.copy_(shrink_l1(p - hyper[i, 4] * nm / denom, factors[i], r, c))
 
 
 class _SGD:
@@ -196,14 +191,12 @@ class FusedOptimiserStep:
         dev = ws[0].device
         rows, cols = self.prox.l1_parts(coefs["slot"], dev)
         pg, state = self.optimizer.param_groups, self.optimizer.state
-        hyper = torch.tensor([self.rule.hyper(pg[i], state.get(p, {}))
-                              for p, i in zip(params, self.groups)],
-                             dtype=torch.float32, device=dev)
+        hyper = per_weight([self.rule.hyper(pg[i], state.get(p, {}))
+                            for p, i in zip(params, self.groups)], dev)
         switch = tuple(self.rule.switch(pg[i]) for i in self.groups)
-        f = torch.tensor(list(factors), dtype=torch.float32, device=dev)
+        f = per_weight(factors, dev)
         if self._fn is None:
-            self._fn = torch.compile(self.rule.loop, fullgraph=True, dynamic=False,
-                                     options={"cpp.threads": 1})
+            self._fn = compile_one_thread(self.rule.loop)
         with torch.no_grad():
             self._fn(ws, [p.grad for p in params], list(states), rows, cols, hyper, f, switch)
 
